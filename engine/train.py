@@ -1,0 +1,295 @@
+"""The training loop: `python -m engine.train recipe.yaml [key.path=value ...]`.
+
+Read this file top to bottom; every step of a run is here:
+
+    recipe ─► model + tokenizer ─► LoRA ─► data ─► optimizer ─► (resume)
+      └─► for each optimizer step:
+            batch ─► forward ─► loss ─► backward   (× grad_accum micro-batches)
+            ─► clip ─► step ─► log ─► held-out loss ─► checkpoint
+      └─► adapter/ (peft format), metrics.jsonl, loss.png, summary.json
+
+The loss of one optimizer step is the mean NLL over every trained token of its
+micro-batches: each micro-batch contributes (sum of its token NLLs) / (tokens
+in the whole step), so accumulation gives exactly the gradient of one big batch.
+
+Exit status: 0 done, 2 bad input (one `error:` line on stderr), 3 the loss
+became NaN/Inf (the last good checkpoint is kept).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import yaml
+
+from engine.checkpoint import find_resume_dir, list_checkpoints, load_checkpoint, save_checkpoint
+from engine.data import Batches, encode_all, load_examples
+from engine.log import RunLog, plot_loss
+from engine.lora import apply_lora, lora_parameters, save_adapter
+from engine.losses import sft_loss_sum
+from engine.models import describe, load_model_and_tokenizer
+from engine.optim import build_optimizer, lr_at, set_lr
+from engine.recipe import Recipe, RecipeError, load_recipe, recipe_help, recipe_to_dict
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device: cuda was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def trained_tokens(batch: dict) -> int:
+    """Positions that carry loss: labels shifted by one, as the loss sees them."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def input_tokens(batch: dict) -> int:
+    """Tokens the model reads: real tokens when there is padding, every position in packed rows."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+@torch.no_grad()
+def held_out_loss(model, batches: Batches, n_batches: int, device, autocast) -> float:
+    """Mean NLL per trained token over the first `n_batches` held-out micro-batches."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(min(n_batches, len(batches))):
+        batch = to_device(batches.batch(i), device)
+        with autocast():
+            nll_sum, n = sft_loss_sum(model, batch)
+        total, count = total + nll_sum.item(), count + n
+    model.train()
+    return total / count
+
+
+def run(recipe: Recipe) -> dict:
+    tc = recipe.train
+    run_dir = recipe.output_dir
+    os.makedirs(run_dir, exist_ok=True)
+    device = pick_device(tc.device)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    random.seed(tc.seed)
+    np.random.seed(tc.seed)
+    torch.manual_seed(tc.seed)
+    # bf16 autocast on GPU; CPU runs in the weights' dtype (fp32 by default).
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+
+    # Refuse to silently overwrite an earlier run's checkpoints.
+    resume_dir = find_resume_dir(tc.resume, run_dir)
+    if resume_dir is None and list_checkpoints(run_dir):
+        raise ValueError(f"output_dir: {run_dir} already holds checkpoints; set train.resume=auto to continue "
+                         f"that run, or choose another output_dir")
+    _write_text(os.path.join(run_dir, "recipe.yaml"), yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+
+    # ---- model, tokenizer, LoRA
+    model, tokenizer = load_model_and_tokenizer(recipe.model, device)
+    targets = apply_lora(model, recipe.lora, seed=tc.seed)
+    params = lora_parameters(model)
+    n_trainable = sum(p.numel() for p in params)
+    print(f"model: {describe(model)}")
+    print(f"lora: r={recipe.lora.r} alpha={recipe.lora.alpha} on {len(targets)} layers "
+          f"({n_trainable:,} trainable parameters)")
+
+    # ---- data: rows ─► chat template ─► token ids + loss mask ─► batches
+    train_rows, report = load_examples(recipe.data, "train")
+    eval_rows, _ = load_examples(recipe.data, "eval")
+    train_enc, enc_report = encode_all(train_rows, tokenizer, recipe.data.template, recipe.data.max_length)
+    eval_enc, _ = encode_all(eval_rows, tokenizer, recipe.data.template, recipe.data.max_length)
+    print(f"data: {len(train_enc)} training samples ({report['bad']} malformed rows skipped, "
+          f"{enc_report.get('dropped', 0)} with no trained token after truncation), {len(eval_enc)} held out")
+    batch_args = dict(batch_size=tc.batch_size, seed=tc.seed, pad_id=tokenizer.pad_token_id,
+                      packing=recipe.data.packing, max_length=recipe.data.max_length)
+    train_batches = Batches(train_enc, **batch_args)
+    eval_batches = Batches(eval_enc, **batch_args) if eval_enc else None
+    if eval_batches is None and (tc.eval_every or tc.early_stopping_patience):
+        print("warning: train.eval_every/early_stopping_patience set but there is no held-out data", file=sys.stderr)
+
+    # ---- optimizer, and the run's state (restored from a checkpoint when resuming)
+    optimizer = build_optimizer(params, tc)
+    state = {"micro_batch": 0, "trained_tokens": 0, "best_eval_loss": None, "evals_without_gain": 0,
+             "exact_match_before": None}
+    if resume_dir:
+        state.update(load_checkpoint(resume_dir, model, optimizer))
+        print(f"resumed from {resume_dir} at step {state['step']}")
+    start_step = state.get("step", 0)
+    if start_step == 0 and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        os.remove(os.path.join(run_dir, "metrics.jsonl"))
+
+    if recipe.eval.exact_match and state["exact_match_before"] is None:
+        state["exact_match_before"] = _exact_match(model, tokenizer, eval_rows, recipe)["exact_match"]
+        print(f"held-out exact match before training: {state['exact_match_before']:.3f}")
+
+    wandb_cfg = None
+    if recipe.logging.wandb:
+        wandb_cfg = {"project": recipe.logging.wandb_project, "mode": recipe.logging.wandb_mode,
+                     "config": recipe_to_dict(recipe), "id": _stable_id(run_dir)}
+    log = RunLog(run_dir, tc.max_steps, start_step, recipe.logging.progress_bar, wandb_cfg)
+
+    def checkpoint(step: int) -> str:
+        return save_checkpoint(run_dir, step, model, optimizer, recipe.lora, recipe.model.name,
+                               {k: state[k] for k in ("micro_batch", "trained_tokens", "best_eval_loss",
+                                                      "evals_without_gain", "exact_match_before")},
+                               keep=tc.keep_checkpoints)
+
+    # ---- the loop
+    model.train()
+    step, stop_reason = start_step, "max_steps"
+    try:
+        while step < tc.max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, tc)
+            set_lr(optimizer, lr)
+
+            # batch: the step's micro-batches are a pure function of the data position (resumable)
+            micro = [train_batches.batch(state["micro_batch"] + i) for i in range(tc.grad_accum)]
+            step_tokens = sum(trained_tokens(mb) for mb in micro)
+            seen_tokens = sum(input_tokens(mb) for mb in micro)
+
+            # forward, loss, backward (gradients accumulate in .grad)
+            loss_sum = 0.0
+            for mb in micro:
+                mb = to_device(mb, device)
+                with autocast():
+                    nll_sum, _ = sft_loss_sum(model, mb)
+                (nll_sum / step_tokens).backward()
+                loss_sum += nll_sum.item()
+            loss = loss_sum / step_tokens
+
+            # clip: the global L2 norm over all LoRA gradients, measured before clipping
+            max_norm = tc.max_grad_norm if tc.max_grad_norm is not None else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise NonFiniteLoss(f"step {step + 1}: loss={loss} grad_norm={grad_norm}")
+
+            # step: AdamW update of A and B, then clear the gradients
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            state["micro_batch"] += tc.grad_accum
+            state["trained_tokens"] += step_tokens
+            dt = time.perf_counter() - t0
+
+            # log
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                log.write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                           "tokens_per_s": seen_tokens / dt, "trained_tokens": state["trained_tokens"],
+                           "step_time_s": dt})
+            log.advance(1, {"loss": loss, "lr": lr})
+
+            # held-out loss, early stopping
+            if eval_batches is not None and tc.eval_every and step % tc.eval_every == 0:
+                eval_loss = held_out_loss(model, eval_batches, tc.eval_batches, device, autocast)
+                log.write({"step": step, "eval_loss": eval_loss})
+                if state["best_eval_loss"] is None or eval_loss < state["best_eval_loss"]:
+                    state["best_eval_loss"], state["evals_without_gain"] = eval_loss, 0
+                else:
+                    state["evals_without_gain"] += 1
+                if tc.early_stopping_patience and state["evals_without_gain"] >= tc.early_stopping_patience:
+                    log.message(f"early stopping at step {step}: held-out loss has not improved for "
+                                f"{state['evals_without_gain']} evaluations (best {state['best_eval_loss']:.4f})")
+                    stop_reason = "early_stopping"
+                    break
+
+            # checkpoint
+            if tc.save_every and step % tc.save_every == 0:
+                checkpoint(step)
+    except NonFiniteLoss as e:
+        log.close()
+        last = list_checkpoints(run_dir)
+        where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was saved yet"
+        print(f"error: non-finite loss at {e}; training stopped, {where}. "
+              f"Try a lower train.lr or train.max_grad_norm.", file=sys.stderr)
+        raise
+    log.close()
+
+    # ---- outputs: final checkpoint, adapter in peft format, held-out metrics, plot, summary
+    if not list_checkpoints(run_dir) or not list_checkpoints(run_dir)[-1].endswith(f"step-{step:06d}"):
+        checkpoint(step)
+    save_adapter(model, os.path.join(run_dir, "adapter"), recipe.lora, recipe.model.name)
+    summary = {"steps": step, "stop_reason": stop_reason, "trained_tokens": state["trained_tokens"],
+               "adapter": os.path.join(run_dir, "adapter")}
+    if eval_batches is not None:
+        summary["eval_loss"] = held_out_loss(model, eval_batches, tc.eval_batches, device, autocast)
+        print(f"held-out loss: {summary['eval_loss']:.4f}")
+    if recipe.eval.exact_match:
+        after = _exact_match(model, tokenizer, eval_rows, recipe)
+        summary["exact_match_before"] = state["exact_match_before"]
+        summary["exact_match_after"] = after["exact_match"]
+        summary["exact_match_samples"] = after["samples"]
+        print(f"held-out exact match: before {state['exact_match_before']:.3f} -> after {after['exact_match']:.3f} "
+              f"(n={after['n']})")
+    plot_loss(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "loss.png"), title=recipe.model.name)
+    _write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=1))
+    print(f"done: {step} steps; adapter in {summary['adapter']}; metrics in {os.path.join(run_dir, 'metrics.jsonl')}")
+    return summary
+
+
+def _exact_match(model, tokenizer, rows, recipe: Recipe) -> dict:
+    from evals.exact_match import exact_match
+    return exact_match(model, tokenizer, rows[: recipe.eval.num_samples], recipe.data.template,
+                       recipe.eval.max_new_tokens, recipe.eval.batch_size)
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _stable_id(run_dir: str) -> str:
+    import hashlib
+    return hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:12]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune a causal LM with LoRA from a YAML recipe.",
+        epilog="recipe keys (override any of them as key.path=value):\n" + recipe_help())
+    parser.add_argument("recipe", help="YAML recipe file")
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, value parsed as YAML")
+    parser.add_argument("--print-config", action="store_true", help="print the validated recipe and exit")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    args = parser.parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.print_config:
+            print(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), end="")
+            return 0
+        run(recipe)
+        return 0
+    except NonFiniteLoss:
+        if args.debug:
+            raise
+        return 3
+    except (RecipeError, ValueError, FileNotFoundError, ImportError) as e:
+        if args.debug:
+            raise
+        message = " ".join(str(e).split())  # one line, whatever the exception carried
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Generation exact match: greedy answers scored against known integers.
+
+For each held-out example the conversation is rendered with the same chat
+template used in training and cut where the final assistant answer begins,
+so the model sees exactly the prompt format it was trained on. Generation is
+greedy, batched with left padding, and uses the KV cache.
+
+    accuracy = (1/n) Σ_i [ extract_answer(generation_i) == answer_i ]
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.data import extract_answer, render
+
+
+def prompt_text(messages: list[dict], tokenizer, template: str) -> str:
+    """The rendered conversation up to (not including) the last assistant answer."""
+    text, spans = render(messages, tokenizer, template)
+    return text[: spans[-1][0]]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    saved_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only: pad on the left so every prompt ends at the same column
+    outputs = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            new = out[:, enc["input_ids"].shape[1]:]  # (B, new tokens)
+            outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = saved_side
+        model.train(was_training)
+    return outputs
+
+
+def exact_match(model, tokenizer, examples: list[dict], template: str, max_new_tokens: int = 16,
+                batch_size: int = 16) -> dict:
+    """Accuracy over examples that carry an integer `answer` (builtin:arithmetic rows)."""
+    scored = [ex for ex in examples if "answer" in ex]
+    if not scored:
+        raise ValueError("exact match needs held-out rows with an 'answer' field (e.g. builtin:arithmetic)")
+    prompts = [prompt_text(ex["messages"], tokenizer, template) for ex in scored]
+    generations = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    hits = [extract_answer(g) == ex["answer"] for g, ex in zip(generations, scored)]
+    return {"exact_match": sum(hits) / len(hits), "n": len(hits),
+            "samples": [{"prompt": ex["messages"][-2]["content"], "generation": g, "answer": ex["answer"],
+                         "correct": hit} for ex, g, hit in zip(scored[:5], generations, hits)]}
