@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.lora import LoRALinear, lora_state_dict, save_adapter
+from engine.lora import copy_lora_tensors, save_adapter
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -140,29 +140,8 @@ def load_checkpoint(ckpt_dir: str, model, optimizer) -> dict:
     with open(os.path.join(ckpt_dir, STATE_FILE)) as f:
         state = json.load(f)
     adapter_file = os.path.join(ckpt_dir, "adapter", "adapter_model.safetensors")
-    saved = load_file(adapter_file)
-    current = lora_state_dict(model)
-    if set(saved) != set(current):
-        missing = sorted(set(current) - set(saved)) or sorted(set(saved) - set(current))
-        raise ValueError(f"{adapter_file}: adapter does not match this recipe's LoRA layout (e.g. {missing[0]})")
-    params = _lora_params_by_key(model)
-    with torch.no_grad():
-        for key, param in params.items():
-            if saved[key].shape != param.shape:
-                raise ValueError(f"{adapter_file}: {key} has shape {tuple(saved[key].shape)}, "
-                                 f"this recipe's LoRA needs {tuple(param.shape)}")
-            param.copy_(saved[key])
+    copy_lora_tensors(model, load_file(adapter_file), adapter_file)
     _load_optimizer(optimizer, load_file(os.path.join(ckpt_dir, "optimizer.safetensors")),
                     state["optimizer_param_groups"])
     _set_rng_state(load_file(os.path.join(ckpt_dir, "rng.safetensors")), state["rng"])
     return state
-
-
-def _lora_params_by_key(model) -> dict[str, torch.nn.Parameter]:
-    """The live LoRA parameters under the keys `lora_state_dict` (peft's format) uses."""
-    params = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            params[f"base_model.model.{name}.lora_A.weight"] = module.lora_A.weight
-            params[f"base_model.model.{name}.lora_B.weight"] = module.lora_B.weight
-    return params

@@ -245,16 +245,21 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> LoRAConfig:
         raise FileNotFoundError(f"{weights}: adapter weights not found")
     # Older peft files keep the adapter name in the key: ....lora_A.default.weight
     loaded = {re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", k): v for k, v in load_file(weights).items()}
-    params = lora_state_dict(model)
-    for key in loaded:
-        if key not in params:
-            raise ValueError(f"{weights}: unexpected key {key} (no such LoRA layer in the model)")
-    with torch.no_grad():
-        for key, p in params.items():
-            if key not in loaded:
-                raise ValueError(f"{weights}: missing key {key}")
-            if loaded[key].shape != p.shape:
-                raise ValueError(f"{weights}: {key} has shape {tuple(loaded[key].shape)}, "
-                                 f"the model expects {tuple(p.shape)}")
-            p.copy_(loaded[key])  # p is a detached view of the parameter, so this writes into it
+    copy_lora_tensors(model, loaded, weights)
     return cfg
+
+
+@torch.no_grad()
+def copy_lora_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy factors saved under peft's keys into the model's LoRA layers; every key must match exactly."""
+    params = lora_state_dict(model)
+    for key in tensors:
+        if key not in params:
+            raise ValueError(f"{source}: unexpected key {key} (no such LoRA layer in the model)")
+    for key, p in params.items():
+        if key not in tensors:
+            raise ValueError(f"{source}: missing key {key}")
+        if tensors[key].shape != p.shape:
+            raise ValueError(f"{source}: {key} has shape {tuple(tensors[key].shape)}, "
+                             f"the model expects {tuple(p.shape)}")
+        p.copy_(tensors[key])  # p is a detached view of the parameter, so this writes into it

@@ -130,6 +130,7 @@ def run(recipe: Recipe) -> dict:
              "exact_match_before": None}
     if resume_dir:
         state.update(load_checkpoint(resume_dir, model, optimizer))
+        _check_same_run(state.get("run_fingerprint", {}), run_fingerprint(recipe), resume_dir)
         print(f"resumed from {resume_dir} at step {state['step']}")
     start_step = state.get("step", 0)
     if start_step == 0 and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
@@ -147,8 +148,9 @@ def run(recipe: Recipe) -> dict:
 
     def checkpoint(step: int) -> str:
         return save_checkpoint(run_dir, step, model, optimizer, recipe.lora, recipe.model.name,
-                               {k: state[k] for k in ("micro_batch", "trained_tokens", "best_eval_loss",
-                                                      "evals_without_gain", "exact_match_before")},
+                               {**{k: state[k] for k in ("micro_batch", "trained_tokens", "best_eval_loss",
+                                                         "evals_without_gain", "exact_match_before")},
+                                "run_fingerprint": run_fingerprint(recipe)},
                                keep=tc.keep_checkpoints)
 
     # ---- the loop
@@ -242,6 +244,24 @@ def run(recipe: Recipe) -> dict:
     _write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=1))
     print(f"done: {step} steps; adapter in {summary['adapter']}; metrics in {os.path.join(run_dir, 'metrics.jsonl')}")
     return summary
+
+
+def run_fingerprint(recipe: Recipe) -> dict:
+    """The settings a checkpoint's factors and data position only make sense under.
+
+    The learning rate or max_steps may change on resume (e.g. to extend a run); these may not.
+    """
+    d = recipe_to_dict(recipe)
+    return {"model.name": d["model"]["name"], "train.batch_size": d["train"]["batch_size"],
+            "train.grad_accum": d["train"]["grad_accum"], "train.seed": d["train"]["seed"],
+            **{f"lora.{k}": v for k, v in d["lora"].items()}, **{f"data.{k}": v for k, v in d["data"].items()}}
+
+
+def _check_same_run(saved: dict, current: dict, ckpt: str) -> None:
+    for key, value in current.items():
+        if key in saved and saved[key] != value:
+            raise ValueError(f"train.resume: {ckpt} was written with {key}={saved[key]!r}, this recipe has "
+                             f"{value!r}; that would not continue the same run (use a new output_dir)")
 
 
 def _exact_match(model, tokenizer, rows, recipe: Recipe) -> dict:

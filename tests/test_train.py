@@ -142,3 +142,13 @@ def test_wandb_offline(tmp_path):
     pytest.importorskip("wandb")
     run(tiny(tmp_path, "train.max_steps=2", "train.eval_every=0", "train.warmup_steps=0", "logging.wandb=true"))
     assert (tmp_path / "wandb").is_dir()
+
+
+def test_resume_refuses_a_different_data_stream(tmp_path):
+    run(tiny(tmp_path, "train.max_steps=2", "train.eval_every=0", "train.warmup_steps=0"))
+    with pytest.raises(ValueError, match=r"train.resume: .* data.max_length=96, this recipe has 64"):
+        run(tiny(tmp_path, "train.max_steps=4", "train.eval_every=0", "train.warmup_steps=0",
+                 "train.resume=auto", "data.max_length=64"))
+    # Extending the same run is fine.
+    assert run(tiny(tmp_path, "train.max_steps=4", "train.eval_every=0", "train.warmup_steps=0",
+                    "train.resume=auto"))["steps"] == 4
