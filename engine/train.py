@@ -31,12 +31,16 @@ import torch
 import yaml
 
 from engine.checkpoint import find_resume_dir, list_checkpoints, load_checkpoint, save_checkpoint
-from engine.data import Batches, encode_all, load_examples
+from functools import partial
+
+from engine.data import Batches, PairBatches, encode_all, encode_pairs, load_examples, load_preference_examples
 from engine.log import RunLog, plot_loss
 from engine.lora import apply_lora, lora_parameters, save_adapter
-from engine.losses import sft_loss_sum
-from engine.models import describe, load_model_and_tokenizer
+from engine.losses import dpo_loss
+from engine.models import cache_root, describe, load_model_and_tokenizer
+from engine.objectives import dpo_objective, orpo_objective, sft_objective, step_totals
 from engine.optim import build_optimizer, lr_at, set_lr
+from engine.reference import load_or_compute_reference
 from engine.recipe import Recipe, RecipeError, load_recipe, recipe_help, recipe_to_dict
 
 
@@ -56,11 +60,6 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def trained_tokens(batch: dict) -> int:
-    """Positions that carry loss: labels shifted by one, as the loss sees them."""
-    return int((batch["labels"][:, 1:] != -100).sum())
-
-
 def input_tokens(batch: dict) -> int:
     """Tokens the model reads: real tokens when there is padding, every position in packed rows."""
     mask = batch.get("attention_mask")
@@ -68,17 +67,86 @@ def input_tokens(batch: dict) -> int:
 
 
 @torch.no_grad()
-def held_out_loss(model, batches: Batches, n_batches: int, device, autocast) -> float:
-    """Mean NLL per trained token over the first `n_batches` held-out micro-batches."""
+def evaluate(model, objective, batches, n_batches: int, device, autocast) -> dict:
+    """Held-out means of the objective's stats over the first `n_batches` micro-batches, as `eval_*`."""
     model.eval()
-    total, count = 0.0, 0
-    for i in range(min(n_batches, len(batches))):
-        batch = to_device(batches.batch(i), device)
+    micro = [batches.batch(i) for i in range(min(n_batches, len(batches)))]
+    totals = step_totals(micro)  # normalise over the whole held-out pass, as over one big step
+    sums: dict[str, float] = {}
+    for mb in micro:
         with autocast():
-            nll_sum, n = sft_loss_sum(model, batch)
-        total, count = total + nll_sum.item(), count + n
+            _, stats = objective(model, to_device(mb, device), totals)
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v
     model.train()
-    return total / count
+    return {f"eval_{k}": v for k, v in sums.items()}
+
+
+def sft_data(recipe: Recipe, tokenizer):
+    """Rows ─► chat template ─► token ids + loss mask ─► (train batches, held-out batches, held-out rows)."""
+    d, tc = recipe.data, recipe.train
+    train_rows, report = load_examples(d, "train")
+    eval_rows, _ = load_examples(d, "eval")
+    train_enc, enc_report = encode_all(train_rows, tokenizer, d.template, d.max_length)
+    eval_enc, _ = encode_all(eval_rows, tokenizer, d.template, d.max_length)
+    print(f"data: {len(train_enc)} training samples ({report['bad']} malformed rows skipped, "
+          f"{enc_report.get('dropped', 0)} with no trained token after truncation), {len(eval_enc)} held out")
+    args = dict(batch_size=tc.batch_size, seed=tc.seed, pad_id=tokenizer.pad_token_id, packing=d.packing,
+                max_length=d.max_length)
+    return Batches(train_enc, **args), (Batches(eval_enc, **args) if eval_enc else None), eval_rows
+
+
+def preference_data(recipe: Recipe, tokenizer, model):
+    """Preference rows ─► (prompt, chosen, rejected) ─► pair token ids + masks ─► pair batches."""
+    d, tc = recipe.data, recipe.train
+
+    def generate_rejected(prompts: list[list[dict]]) -> list[str]:
+        # builtin:harmbench's rejected answers are the base model's own completions (the adapter is
+        # still zero here, so this is the base model).
+        from evals.exact_match import generate, prompt_text
+        texts = [prompt_text(p + [{"role": "assistant", "content": "."}], tokenizer, d.template) for p in prompts]
+        print(f"data: generating {len(texts)} base-model completions for builtin:harmbench (cached afterwards)")
+        return generate(model, tokenizer, texts, max_new_tokens=64, batch_size=16)
+
+    extra = dict(generate_fn=generate_rejected, cache_dir=cache_root(recipe.model),
+                 model_key=_safe_name(recipe.model.name))
+    train_rows, report = load_preference_examples(d, "train", **extra)
+    eval_rows, _ = load_preference_examples(d, "eval", **extra)
+    train_enc, enc_report = encode_pairs(train_rows, tokenizer, d.template, d.max_length)
+    eval_enc, _ = encode_pairs(eval_rows, tokenizer, d.template, d.max_length)
+    print(f"data: {len(train_enc)} training pairs ({report['bad']} malformed rows skipped, "
+          f"{enc_report.get('dropped', 0)} dropped after truncation), {len(eval_enc)} held out")
+    args = dict(batch_size=tc.batch_size, seed=tc.seed, pad_id=tokenizer.pad_token_id)
+    return PairBatches(train_enc, **args), (PairBatches(eval_enc, **args) if eval_enc else None), eval_rows
+
+
+def make_objectives(recipe: Recipe, model, train_batches, eval_batches, device, autocast):
+    """The loss function for training and for the held-out set (they differ only in DPO's reference table)."""
+    method = recipe.train.method
+    if method == "sft":
+        return sft_objective, sft_objective
+    if method == "orpo":
+        objective = partial(orpo_objective, cfg=recipe.orpo)
+        return objective, objective
+    train_ref = eval_ref = None
+    if recipe.dpo.precompute_ref:
+        root = cache_root(recipe.model)
+        train_ref, path = load_or_compute_reference(model, train_batches, device, autocast, root, recipe.model.name)
+        print(f"dpo: reference log-probs of {len(train_batches.encoded)} pairs from {path}")
+        if eval_batches is not None:
+            eval_ref, _ = load_or_compute_reference(model, eval_batches, device, autocast, root, recipe.model.name)
+    return (partial(dpo_objective, cfg=recipe.dpo, ref_table=train_ref),
+            partial(dpo_objective, cfg=recipe.dpo, ref_table=eval_ref))
+
+
+def check_initial_dpo_loss(value: float, cfg, log: RunLog) -> None:
+    """With the adapter at zero the policy is the reference, Δ = 0, and the loss is known (ln 2 for sigmoid)."""
+    zero = torch.zeros(1)
+    expected = float(dpo_loss(zero, zero, zero, zero, cfg.beta, cfg.loss_type, cfg.label_smoothing)[0][0])
+    ok = abs(value - expected) < 1e-4
+    log.message(f"check: step-0 DPO loss {value:.6f}, expected {expected:.6f} for a zero adapter "
+                f"({'ln 2, ' if cfg.loss_type == 'sigmoid' else ''}{'ok' if ok else 'MISMATCH'})")
+    log.write({"step": 0, "check/step0_dpo_loss": value, "check/expected": expected, "check/ok": ok})
 
 
 def run(recipe: Recipe) -> dict:
@@ -110,17 +178,12 @@ def run(recipe: Recipe) -> dict:
     print(f"lora: r={recipe.lora.r} alpha={recipe.lora.alpha} on {len(targets)} layers "
           f"({n_trainable:,} trainable parameters)")
 
-    # ---- data: rows ─► chat template ─► token ids + loss mask ─► batches
-    train_rows, report = load_examples(recipe.data, "train")
-    eval_rows, _ = load_examples(recipe.data, "eval")
-    train_enc, enc_report = encode_all(train_rows, tokenizer, recipe.data.template, recipe.data.max_length)
-    eval_enc, _ = encode_all(eval_rows, tokenizer, recipe.data.template, recipe.data.max_length)
-    print(f"data: {len(train_enc)} training samples ({report['bad']} malformed rows skipped, "
-          f"{enc_report.get('dropped', 0)} with no trained token after truncation), {len(eval_enc)} held out")
-    batch_args = dict(batch_size=tc.batch_size, seed=tc.seed, pad_id=tokenizer.pad_token_id,
-                      packing=recipe.data.packing, max_length=recipe.data.max_length)
-    train_batches = Batches(train_enc, **batch_args)
-    eval_batches = Batches(eval_enc, **batch_args) if eval_enc else None
+    # ---- data: rows ─► chat template ─► token ids + loss mask ─► batches; and the objective
+    if tc.method == "sft":
+        train_batches, eval_batches, eval_rows = sft_data(recipe, tokenizer)
+    else:
+        train_batches, eval_batches, eval_rows = preference_data(recipe, tokenizer, model)
+    objective, eval_objective = make_objectives(recipe, model, train_batches, eval_batches, device, autocast)
     if eval_batches is None and (tc.eval_every or tc.early_stopping_patience):
         print("warning: train.eval_every/early_stopping_patience set but there is no held-out data", file=sys.stderr)
 
@@ -164,18 +227,23 @@ def run(recipe: Recipe) -> dict:
 
             # batch: the step's micro-batches are a pure function of the data position (resumable)
             micro = [train_batches.batch(state["micro_batch"] + i) for i in range(tc.grad_accum)]
-            step_tokens = sum(trained_tokens(mb) for mb in micro)
+            totals = step_totals(micro)  # the step's trained tokens / pairs: every micro-batch divides by these
             seen_tokens = sum(input_tokens(mb) for mb in micro)
 
-            # forward, loss, backward (gradients accumulate in .grad)
-            loss_sum = 0.0
+            # forward, loss, backward (gradients accumulate in .grad; stats sum to the step's means)
+            stats: dict[str, float] = {}
             for mb in micro:
-                mb = to_device(mb, device)
                 with autocast():
-                    nll_sum, _ = sft_loss_sum(model, mb)
-                (nll_sum / step_tokens).backward()
-                loss_sum += nll_sum.item()
-            loss = loss_sum / step_tokens
+                    loss_mb, mb_stats = objective(model, to_device(mb, device), totals)
+                loss_mb.backward()
+                for k, v in mb_stats.items():
+                    stats[k] = stats.get(k, 0.0) + v
+            loss = stats.pop("loss")
+            if tc.method == "dpo" and step == 0:
+                check_initial_dpo_loss(stats["dpo_loss"], recipe.dpo, log)
+            if tc.method == "dpo" and step == 2 and stats["rewards/chosen"] == stats["rewards/rejected"] == 0.0:
+                log.message("warning: DPO rewards are still exactly zero after 2 updates: the policy and the "
+                            "reference are the same model (are the adapters being disabled for the reference?)")
 
             # clip: the global L2 norm over all LoRA gradients, measured before clipping
             max_norm = tc.max_grad_norm if tc.max_grad_norm is not None else float("inf")
@@ -188,20 +256,21 @@ def run(recipe: Recipe) -> dict:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             state["micro_batch"] += tc.grad_accum
-            state["trained_tokens"] += step_tokens
+            state["trained_tokens"] += totals["tokens"]
             dt = time.perf_counter() - t0
 
             # log
             if step % tc.log_every == 0 or step == tc.max_steps:
                 log.write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                            "tokens_per_s": seen_tokens / dt, "trained_tokens": state["trained_tokens"],
-                           "step_time_s": dt})
+                           "step_time_s": dt, **stats})
             log.advance(1, {"loss": loss, "lr": lr})
 
-            # held-out loss, early stopping
+            # held-out loss (and preference accuracy for DPO/ORPO), early stopping
             if eval_batches is not None and tc.eval_every and step % tc.eval_every == 0:
-                eval_loss = held_out_loss(model, eval_batches, tc.eval_batches, device, autocast)
-                log.write({"step": step, "eval_loss": eval_loss})
+                held = evaluate(model, eval_objective, eval_batches, tc.eval_batches, device, autocast)
+                log.write({"step": step, **held})
+                eval_loss = held["eval_loss"]
                 if state["best_eval_loss"] is None or eval_loss < state["best_eval_loss"]:
                     state["best_eval_loss"], state["evals_without_gain"] = eval_loss, 0
                 else:
@@ -231,8 +300,10 @@ def run(recipe: Recipe) -> dict:
     summary = {"steps": step, "stop_reason": stop_reason, "trained_tokens": state["trained_tokens"],
                "adapter": os.path.join(run_dir, "adapter")}
     if eval_batches is not None:
-        summary["eval_loss"] = held_out_loss(model, eval_batches, tc.eval_batches, device, autocast)
-        print(f"held-out loss: {summary['eval_loss']:.4f}")
+        summary.update(evaluate(model, eval_objective, eval_batches, tc.eval_batches, device, autocast))
+        print(f"held-out loss: {summary['eval_loss']:.4f}" + (
+            f", preference accuracy: {summary['eval_rewards/accuracies']:.3f}"
+            if "eval_rewards/accuracies" in summary else ""))
     if recipe.eval.exact_match:
         after = _exact_match(model, tokenizer, eval_rows, recipe)
         summary["exact_match_before"] = state["exact_match_before"]
@@ -275,6 +346,10 @@ def _write_text(path: str, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def _stable_id(run_dir: str) -> str:

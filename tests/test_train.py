@@ -73,13 +73,13 @@ KILLER = textwrap.dedent("""
     from engine.recipe import load_recipe
     kill_at = int(sys.argv[1])
     calls = {"n": 0}
-    real = train.sft_loss_sum
-    def counting(model, batch):
+    real = train.sft_objective
+    def counting(model, batch, totals):
         calls["n"] += 1
         if calls["n"] == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-        return real(model, batch)
-    train.sft_loss_sum = counting
+        return real(model, batch, totals)
+    train.sft_objective = counting
     train.run(load_recipe(sys.argv[2], sys.argv[3:]))
 """)
 

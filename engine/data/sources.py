@@ -36,7 +36,8 @@ def load_rows(source: str, cfg, split: str) -> list:
     if source.startswith("hf:"):
         import datasets  # slow to import; only needed for hf sources
 
-        ds = datasets.load_dataset(source[3:], name=cfg.name, data_files=cfg.data_files, split=split)
+        ds = datasets.load_dataset(source[3:], name=cfg.name, data_dir=cfg.data_dir,
+                                   data_files=cfg.data_files, split=split)
         return list(ds)
     if source.endswith(".jsonl"):
         with open(source, encoding="utf-8") as f:
@@ -90,6 +91,35 @@ def _describe(source: str, cfg, split: str) -> str:
     return f"{source} split {split!r}"
 
 
+def select_part(rows: list, part: str, eval_fraction: float, where: str) -> list[tuple[int, object]]:
+    """(index, row) pairs of `part` of the rows: "all", or the "head" (training) or "tail"
+    (held-out) of the rows shuffled with a fixed seed. The index is the row's place in the
+    source, kept for error messages; the rows stay in source order (Batches shuffles)."""
+    rows = list(enumerate(rows))
+    if part == "all":
+        return rows
+    order = list(range(len(rows)))
+    random.Random(EVAL_FRACTION_SEED).shuffle(order)
+    n_eval = max(1, round(eval_fraction * len(rows)))
+    if n_eval >= len(rows):
+        raise ValueError(f"data: eval_fraction={eval_fraction} of {len(rows)} rows in "
+                         f"{where} leaves no training rows")
+    picked = order[-n_eval:] if part == "tail" else order[:-n_eval]
+    return [rows[i] for i in sorted(picked)]
+
+
+def check_bad_rows(bad: int, total: int, first_bad: int | None, source: str, where: str,
+                   max_bad_fraction: float) -> None:
+    """Stop with a one-line error when more than `max_bad_fraction` of `total` rows were bad.
+
+    A few bad rows are normal in scraped data and are skipped; many mean the wrong
+    file, format or column mapping, which is better reported than trained on."""
+    if total and bad / total > max_bad_fraction:
+        line = f" (line {first_bad + 1})" if source.endswith(".jsonl") else ""
+        raise ValueError(f"data: {bad} of {total} rows in {where} are malformed or empty "
+                         f"(more than max_bad_fraction={max_bad_fraction}); first bad row: {first_bad}{line}")
+
+
 def _plan(cfg, role: str) -> tuple[str | None, str | None, str]:
     """(source, split, part) for a role; part is "all", "head" or "tail" of the shuffled rows."""
     if role == "train":
@@ -121,18 +151,8 @@ def load_examples(cfg, split_role: str) -> tuple[list[dict], dict]:
     source, split, part = _plan(cfg, split_role)
     if source is None:
         return [], {"source": None, "split": None, "rows": 0, "bad": 0, "first_bad": None}
-    rows = list(enumerate(load_rows(source, cfg, split)))  # keep each row's index for error messages
-    if part != "all":
-        order = list(range(len(rows)))
-        random.Random(EVAL_FRACTION_SEED).shuffle(order)
-        n_eval = max(1, round(cfg.eval_fraction * len(rows)))
-        if n_eval >= len(rows):
-            raise ValueError(f"data: eval_fraction={cfg.eval_fraction} of {len(rows)} rows in "
-                             f"{_describe(source, cfg, split)} leaves no training rows")
-        picked = order[-n_eval:] if part == "tail" else order[:-n_eval]
-        rows = [rows[i] for i in sorted(picked)]  # file order; Batches does the shuffling
-
     where = _describe(source, cfg, split)
+    rows = select_part(load_rows(source, cfg, split), part, cfg.eval_fraction, where)
     used = {cfg.columns.get(f, f) for f in ("messages", "prompt", "completion")}
     examples, bad, first_bad = [], 0, None
     for index, row in rows:
@@ -144,10 +164,7 @@ def load_examples(cfg, split_role: str) -> tuple[list[dict], dict]:
             continue
         examples.append({"messages": msgs, **{k: v for k, v in row.items() if k not in used}})
 
-    if rows and bad / len(rows) > cfg.max_bad_fraction:
-        line = f" (line {first_bad + 1})" if source.endswith(".jsonl") else ""
-        raise ValueError(f"data: {bad} of {len(rows)} rows in {where} are malformed or empty "
-                         f"(more than max_bad_fraction={cfg.max_bad_fraction}); first bad row: {first_bad}{line}")
+    check_bad_rows(bad, len(rows), first_bad, source, where, cfg.max_bad_fraction)
     if split_role == "train" and not examples:
         raise ValueError(f"data: no usable training rows in {where}")
     return examples, {"source": source, "split": split, "rows": len(rows), "bad": bad, "first_bad": first_bad}

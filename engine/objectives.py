@@ -1,0 +1,98 @@
+"""Training objectives as the loop sees them: `loss, stats = objective(model, micro_batch, totals)`.
+
+One optimizer step may span several micro-batches (gradient accumulation). So
+that the accumulated gradient equals the gradient of one big batch, every
+micro-batch's loss is divided by the step's totals, not by its own size:
+
+    SFT   loss_mb = Σ_{tokens in mb} NLL / (trained tokens in the step)
+    DPO   loss_mb = Σ_{pairs in mb} ℓ_DPO / (pairs in the step)
+                    [+ w · Σ_{chosen tokens in mb} NLL / (chosen tokens in the step)]   (RPO term)
+    ORPO  loss_mb = Σ NLL(chosen) / (chosen tokens in the step)
+                    − λ · Σ_{pairs in mb} log σ(log_odds) / (pairs in the step)
+
+and the logged loss of the step is the plain sum of the micro-batch losses.
+Every entry of `stats` is normalised the same way, so summing a step's (or a
+whole held-out set's) stats gives its means.
+
+Preference micro-batches hold B chosen rows followed by B rejected rows
+(`engine.data.PairBatches`); one forward covers both halves.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.losses import (dpo_loss, orpo_loss, preference_forward, reference_logps, sft_loss_sum,
+                           uses_mean_logps)
+
+
+def step_totals(micro_batches: list[dict]) -> dict:
+    """Denominators for one optimizer step (or one held-out pass): counts only, no forward."""
+    totals = {"tokens": 0, "pairs": 0, "chosen_tokens": 0}
+    for mb in micro_batches:
+        trained = mb["labels"][:, 1:] != -100  # (rows, T-1): positions that carry loss
+        totals["tokens"] += int(trained.sum())
+        if "n_pairs" in mb:
+            totals["pairs"] += mb["n_pairs"]
+            totals["chosen_tokens"] += int(trained[: mb["n_pairs"]].sum())
+    return totals
+
+
+def sft_objective(model, mb: dict, totals: dict) -> tuple[torch.Tensor, dict]:
+    nll_sum, _ = sft_loss_sum(model, mb)
+    loss = nll_sum / totals["tokens"]
+    return loss, {"loss": loss.item()}
+
+
+def _policy_and_reference(model, mb: dict, ref_table: dict | None, mean: bool):
+    """Sequence log-probs (2B,) of the policy (with grad) and of the reference (without)."""
+    n = mb["n_pairs"]
+    out = preference_forward(model, mb, n)
+    logps = out["logps"] / out["n_tokens"] if mean else out["logps"]
+    if ref_table is None:  # the base model with adapters off, on the same batch
+        ref = reference_logps(model, mb, n)
+        ref = ref / out["n_tokens"] if mean else ref
+    else:  # precomputed once before training, looked up by example index
+        idx = mb["index"].cpu()
+        ref_sum = torch.cat([ref_table["chosen_logps"][idx], ref_table["rejected_logps"][idx]])
+        ref_len = torch.cat([ref_table["chosen_tokens"][idx], ref_table["rejected_tokens"][idx]])
+        ref = (ref_sum / ref_len if mean else ref_sum).to(logps.device)
+    return out, logps, ref
+
+
+def dpo_objective(model, mb: dict, totals: dict, cfg, ref_table: dict | None = None) -> tuple[torch.Tensor, dict]:
+    n = mb["n_pairs"]
+    out, logps, ref = _policy_and_reference(model, mb, ref_table, uses_mean_logps(cfg.loss_type))
+    losses, r_chosen, r_rejected = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], cfg.beta, cfg.loss_type,
+                                            cfg.label_smoothing)
+    pref_loss = losses.sum() / totals["pairs"]
+    loss = pref_loss
+    if cfg.sft_weight > 0:
+        loss = loss + cfg.sft_weight * out["chosen_nll_sum"] / totals["chosen_tokens"]
+    p = totals["pairs"]
+    stats = {
+        "loss": loss.item(), "dpo_loss": pref_loss.item(),
+        "rewards/chosen": r_chosen.sum().item() / p, "rewards/rejected": r_rejected.sum().item() / p,
+        "rewards/accuracies": (r_chosen > r_rejected).sum().item() / p,
+        "rewards/margins": (r_chosen - r_rejected).sum().item() / p,
+        "logps/chosen": out["logps"][:n].detach().sum().item() / p,
+        "logps/rejected": out["logps"][n:].detach().sum().item() / p,
+    }
+    return loss, stats
+
+
+def orpo_objective(model, mb: dict, totals: dict, cfg) -> tuple[torch.Tensor, dict]:
+    n = mb["n_pairs"]
+    out = preference_forward(model, mb, n)
+    mean = out["logps"] / out["n_tokens"]  # ORPO's odds use per-token mean log-probs
+    nll = out["chosen_nll_sum"] / totals["chosen_tokens"]
+    # orpo_loss averages its odds term over the pairs it sees; rescale so the step's mean is over all pairs.
+    _, log_odds, ratio = orpo_loss(mean[:n], mean[n:], torch.zeros((), device=mean.device), cfg.lam)
+    odds_term = ratio.sum() / totals["pairs"]
+    loss = nll - cfg.lam * odds_term
+    p = totals["pairs"]
+    stats = {"loss": loss.item(), "nll_chosen": nll.item(), "log_odds": log_odds.detach().sum().item() / p,
+             "log_odds_ratio": odds_term.item(),
+             "rewards/accuracies": (log_odds > 0).sum().item() / p,
+             "logps/chosen": out["logps"][:n].detach().sum().item() / p,
+             "logps/rejected": out["logps"][n:].detach().sum().item() / p}
+    return loss, stats
