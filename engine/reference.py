@@ -37,7 +37,7 @@ def cache_key(model_name: str, dtype: torch.dtype, encoded: list[dict]) -> str:
 @torch.no_grad()
 def compute_reference(model, batches, device, autocast) -> dict[str, torch.Tensor]:
     """Reference log-probs of every pair, indexed by its position in the encoded list."""
-    n = len(batches.encoded)
+    n = len(batches.samples)
     table = {"chosen_logps": torch.zeros(n), "rejected_logps": torch.zeros(n),
              "chosen_tokens": torch.zeros(n, dtype=torch.int64), "rejected_tokens": torch.zeros(n, dtype=torch.int64)}
     was_training = model.training
@@ -59,7 +59,7 @@ def compute_reference(model, batches, device, autocast) -> dict[str, torch.Tenso
 def load_or_compute_reference(model, batches, device, autocast, cache_dir: str, model_name: str) -> tuple[dict, str]:
     """The cached table if one exists for exactly this model and data, else compute and cache it."""
     dtype = next(model.parameters()).dtype
-    path = os.path.join(cache_dir, "ref_logps", cache_key(model_name, dtype, batches.encoded) + ".safetensors")
+    path = os.path.join(cache_dir, "ref_logps", cache_key(model_name, dtype, batches.samples) + ".safetensors")
     if os.path.isfile(path):
         return load_file(path), path
     table = compute_reference(model, batches, device, autocast)

@@ -85,8 +85,14 @@ def evaluate(model, objective, batches, n_batches: int, device, autocast) -> dic
 def sft_data(recipe: Recipe, tokenizer):
     """Rows ─► chat template ─► token ids + loss mask ─► (train batches, held-out batches, held-out rows)."""
     d, tc = recipe.data, recipe.train
-    train_rows, report = load_examples(d, "train")
-    eval_rows, _ = load_examples(d, "eval")
+    if d.format == "auto":
+        train_rows, report = load_examples(d, "train")
+        eval_rows, _ = load_examples(d, "eval")
+    else:  # a preference dataset used for SFT: train on the prompt and its chosen answer (Thakkar et al.)
+        train_rows, report = load_preference_examples(d, "train")
+        eval_rows, _ = load_preference_examples(d, "eval")
+        train_rows, eval_rows = ([{"messages": r["prompt"] + [{"role": "assistant", "content": r["chosen"]}]}
+                                  for r in rows] for rows in (train_rows, eval_rows))
     train_enc, enc_report = encode_all(train_rows, tokenizer, d.template, d.max_length)
     eval_enc, _ = encode_all(eval_rows, tokenizer, d.template, d.max_length)
     print(f"data: {len(train_enc)} training samples ({report['bad']} malformed rows skipped, "
@@ -132,7 +138,7 @@ def make_objectives(recipe: Recipe, model, train_batches, eval_batches, device, 
     if recipe.dpo.precompute_ref:
         root = cache_root(recipe.model)
         train_ref, path = load_or_compute_reference(model, train_batches, device, autocast, root, recipe.model.name)
-        print(f"dpo: reference log-probs of {len(train_batches.encoded)} pairs from {path}")
+        print(f"dpo: reference log-probs of {len(train_batches.samples)} pairs from {path}")
         if eval_batches is not None:
             eval_ref, _ = load_or_compute_reference(model, eval_batches, device, autocast, root, recipe.model.name)
     return (partial(dpo_objective, cfg=recipe.dpo, ref_table=train_ref),

@@ -83,33 +83,49 @@ class Batches:
         """Micro-batches per epoch."""
         return -(-len(self.rows) // self.batch_size)
 
-    def batch(self, i: int) -> dict:
+    def _pick(self, i: int) -> list:
+        """The rows of global micro-batch i: slice j of epoch e's seeded permutation."""
         epoch, j = divmod(i, len(self))
         order = torch.randperm(len(self.rows), generator=_generator(self.seed, epoch)).tolist()
-        rows = [self.rows[r] for r in order[j * self.batch_size:(j + 1) * self.batch_size]]
+        return [self.rows[r] for r in order[j * self.batch_size:(j + 1) * self.batch_size]]
 
-        ids, labels, pos = [], [], []
-        for row in rows:
-            ids.append([t for s in row for t in self.samples[s]["input_ids"]])
-            labels.append([l for s in row for l in [IGNORE] + self.samples[s]["labels"][1:]])
-            pos.append([p for s in row for p in range(len(self.samples[s]["input_ids"]))])
-        T = max(len(r) for r in ids)
-        B = len(rows)
-        input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
-        label_t = torch.full((B, T), IGNORE, dtype=torch.long)
-        attention_mask = torch.zeros((B, T), dtype=torch.long)
-        position_ids = torch.zeros((B, T), dtype=torch.long)
-        for b in range(B):
-            n = len(ids[b])
-            input_ids[b, :n] = torch.tensor(ids[b])
-            label_t[b, :n] = torch.tensor(labels[b])
-            attention_mask[b, :n] = 1
-            position_ids[b, :n] = torch.tensor(pos[b])
-            # Padding positions count on from 0, as a sample of their own: with packing
-            # that keeps them out of the last real sample's block.
-            position_ids[b, n:] = torch.arange(T - n)
-        batch = {"input_ids": input_ids, "labels": label_t, "position_ids": position_ids,
-                 "attention_mask": None if self.packing else attention_mask}
-        if num_trained_tokens(batch) == 0:
-            raise ValueError(f"data: batch {i} has no trained tokens (every label is -100)")
-        return batch
+    def batch(self, i: int) -> dict:
+        rows = [[self.samples[s] for s in row] for row in self._pick(i)]
+        batch = collate(rows, self.pad_id)
+        if self.packing:
+            batch["attention_mask"] = None
+        return check_trained(batch, i)
+
+
+def collate(rows: list[list[dict]], pad_id: int) -> dict:
+    """Tensors for rows of samples: each row is the concatenation of its samples
+    (one sample per row without packing), right-padded with pad_id to the longest row."""
+    ids, labels, pos = [], [], []
+    for row in rows:
+        ids.append([t for s in row for t in s["input_ids"]])
+        labels.append([l for s in row for l in [IGNORE] + s["labels"][1:]])
+        pos.append([p for s in row for p in range(len(s["input_ids"]))])
+    T = max(len(r) for r in ids)
+    B = len(rows)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    label_t = torch.full((B, T), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    position_ids = torch.zeros((B, T), dtype=torch.long)
+    for b in range(B):
+        n = len(ids[b])
+        input_ids[b, :n] = torch.tensor(ids[b])
+        label_t[b, :n] = torch.tensor(labels[b])
+        attention_mask[b, :n] = 1
+        position_ids[b, :n] = torch.tensor(pos[b])
+        # Padding positions count on from 0, as a sample of their own: with packing
+        # that keeps them out of the last real sample's block.
+        position_ids[b, n:] = torch.arange(T - n)
+    return {"input_ids": input_ids, "labels": label_t, "position_ids": position_ids,
+            "attention_mask": attention_mask}
+
+
+def check_trained(batch: dict, i: int) -> dict:
+    """The batch, or an error if no label in it is a target (its loss would be 0/0)."""
+    if num_trained_tokens(batch) == 0:
+        raise ValueError(f"data: batch {i} has no trained tokens (every label is -100)")
+    return batch

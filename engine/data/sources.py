@@ -4,9 +4,10 @@ Sources (the `data.source` / `data.eval_source` strings):
 
 * `builtin:arithmetic`  - generated problems (arithmetic.py); splits train / heldout
 * `path/to/file.jsonl`  - one JSON object per line (the split name is ignored)
-* `hf:<path>`           - `datasets.load_dataset(path, name=data.name, data_files=data.data_files,
-                          split=...)`, e.g. `hf:json` with data_files, or a local dataset directory.
-                          An `hf:` eval_source uses the same name and data_files.
+* `hf:<path>`           - `datasets.load_dataset(path, name=data.name, data_dir=data.data_dir,
+                          data_files=data.data_files, split=...)`, e.g. `hf:json` with data_files, a local
+                          dataset directory, or a hub id (`hf:Anthropic/hh-rlhf` with data_dir: harmless-base).
+                          An `hf:` eval_source uses the same name, data_dir and data_files.
 
 A row is usable in one of two forms (column names can be remapped with
 `data.columns`, e.g. {prompt: question, completion: answer}):
@@ -17,6 +18,8 @@ A row is usable in one of two forms (column names can be remapped with
 
 Anything else (bad JSON, a missing field, an empty content, a wrong role order)
 is a bad row: it is counted and skipped, and too many of them stop the run.
+Preference data (prompt / chosen / rejected) is read by preference.py, which
+shares `load_rows`, `select_part` and `check_bad_rows` with this file.
 """
 from __future__ import annotations
 
