@@ -7,8 +7,9 @@ all seven projections, the same preference pairs (4 pairs per step; prompts
 and answers of about 64 tokens each, chat template of the tokenizer), sigmoid
 DPO with β=0.1, reference = the base with the adapter disabled (no second
 model), AdamW at a constant learning rate, grad-norm clipping at 1.0, no
-gradient checkpointing (TRL's default turns it on; it is turned off here so
-both sides do the same work).
+gradient checkpointing and LoRA dropout kept on (TRL's defaults turn on
+checkpointing and zero every dropout; both are set here so that both sides
+do the same work).
 
 Each side runs in its own child process, started one after the other by this
 script, so that its peak RSS (ru_maxrss) is its own. Both load the model the
@@ -113,7 +114,8 @@ def run_trl(pairs, batch: int, n_steps: int) -> tuple[list[float], float, int]:
                          learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
                          beta=0.1, loss_type=["sigmoid"], max_length=256, gradient_checkpointing=False,
                          use_cpu=True, bf16=False, report_to=[], logging_steps=1, save_strategy="no",
-                         dataloader_num_workers=0, seed=0)
+                         dataloader_num_workers=0, seed=0,
+                         disable_dropout=False)  # TRL zeroes every dropout by default; keep LoRA's 0.05 as asked
     trainer = trl.DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                              peft_config=peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
                                                          target_modules=TARGETS, task_type="CAUSAL_LM"),
@@ -168,7 +170,7 @@ def main(argv=None) -> dict:
         "trl_tokens_per_s": tokens / results["trl"]["step_s"],
         "engine_peak_rss_mib": results["engine"]["peak_rss_mib"], "trl_peak_rss_mib": results["trl"]["peak_rss_mib"],
         "engine_first_loss": results["engine"]["first_loss"], "trl_first_loss": results["trl"]["first_loss"],
-        "peer": f"trl {trl.__version__} DPOTrainer + peft, gradient_checkpointing off",
+        "peer": f"trl {trl.__version__} DPOTrainer + peft, gradient_checkpointing off, disable_dropout off",
         "torch": torch.__version__,
     }
     res["speedup_vs_trl"] = res["trl_step_s"] / res["engine_step_s"]

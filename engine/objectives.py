@@ -46,17 +46,18 @@ def sft_objective(model, mb: dict, totals: dict) -> tuple[torch.Tensor, dict]:
 def _policy_and_reference(model, mb: dict, ref_table: dict | None, mean: bool):
     """Sequence log-probs (2B,) of the policy (with grad) and of the reference (without)."""
     n = mb["n_pairs"]
-    out = preference_forward(model, mb, n)
-    logps = out["logps"] / out["n_tokens"] if mean else out["logps"]
-    if ref_table is None:  # the base model with adapters off, on the same batch
+    if ref_table is None:
+        # The base model with adapters off, on the same batch. Run it before the policy forward, so
+        # its no-grad activations are freed before the policy's (kept for backward) pile up.
         ref = reference_logps(model, mb, n)
-        ref = ref / out["n_tokens"] if mean else ref
     else:  # precomputed once before training, looked up by example index
         idx = mb["index"].cpu()
-        ref_sum = torch.cat([ref_table["chosen_logps"][idx], ref_table["rejected_logps"][idx]])
-        ref_len = torch.cat([ref_table["chosen_tokens"][idx], ref_table["rejected_tokens"][idx]])
-        ref = (ref_sum / ref_len if mean else ref_sum).to(logps.device)
-    return out, logps, ref
+        ref = torch.cat([ref_table["chosen_logps"][idx], ref_table["rejected_logps"][idx]])
+    out = preference_forward(model, mb, n)
+    ref = ref.to(out["logps"].device)
+    if mean:  # IPO: per-token means of both policy and reference log-probs
+        return out, out["logps"] / out["n_tokens"], ref / out["n_tokens"]
+    return out, out["logps"], ref
 
 
 def dpo_objective(model, mb: dict, totals: dict, cfg, ref_table: dict | None = None) -> tuple[torch.Tensor, dict]:

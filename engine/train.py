@@ -44,6 +44,9 @@ from engine.reference import load_or_compute_reference
 from engine.recipe import Recipe, RecipeError, load_recipe, recipe_help, recipe_to_dict
 
 
+REJECTED_TOKENS = 64  # length of the base model's own answers used as builtin:harmbench's rejected side
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -112,10 +115,11 @@ def preference_data(recipe: Recipe, tokenizer, model):
         from evals.exact_match import generate, prompt_text
         texts = [prompt_text(p + [{"role": "assistant", "content": "."}], tokenizer, d.template) for p in prompts]
         print(f"data: generating {len(texts)} base-model completions for builtin:harmbench (cached afterwards)")
-        return generate(model, tokenizer, texts, max_new_tokens=64, batch_size=16)
+        return generate(model, tokenizer, texts, max_new_tokens=REJECTED_TOKENS, batch_size=16)
 
+    # The cache of generated answers is keyed by everything that shapes them: model, template, length.
     extra = dict(generate_fn=generate_rejected, cache_dir=cache_root(recipe.model),
-                 model_key=_safe_name(recipe.model.name))
+                 model_key=f"{_safe_name(recipe.model.name)}-{d.template}-greedy{REJECTED_TOKENS}")
     train_rows, report = load_preference_examples(d, "train", **extra)
     eval_rows, _ = load_preference_examples(d, "eval", **extra)
     train_enc, enc_report = encode_pairs(train_rows, tokenizer, d.template, d.max_length)

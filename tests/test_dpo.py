@@ -117,3 +117,23 @@ def test_thakkar_recipe_dry_run_on_fixtures(tmp_path, name):
         "train.max_steps=2", "train.batch_size=2", f"output_dir={tmp_path}", "logging.progress_bar=false"])
     summary = run(recipe)
     assert summary["steps"] == 2 and os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
+
+
+def test_harmbench_rejected_generated_once_then_cached(tmp_path, monkeypatch):
+    import evals.exact_match as em
+    monkeypatch.setenv("PAFT_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = em.generate
+
+    def counting(model, tokenizer, prompts, max_new_tokens, batch_size):
+        calls.append(len(prompts))
+        return real(model, tokenizer, prompts, max_new_tokens, batch_size)
+    monkeypatch.setattr(em, "generate", counting)
+    args = ["data.harmbench_rejected=generate", "data.num_train=12", "data.num_eval=4", "train.max_steps=2",
+            "train.batch_size=4", "train.eval_every=0", "train.save_every=0", "train.warmup_steps=0"]
+    run(tiny_dpo(tmp_path / "a", *args))
+    assert calls == [12, 4]  # the base model's own answers, train (val behaviours) and held-out (test ones)
+    cache = os.listdir(tmp_path / "cache" / "harmbench_rejected")
+    assert len(cache) == 2 and all("builtin_tiny-llama-tokenizer-greedy64" in name for name in cache)
+    run(tiny_dpo(tmp_path / "b", *args))
+    assert calls == [12, 4]  # second run: read from the cache, nothing generated
