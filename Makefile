@@ -24,3 +24,4 @@ test-fast:
 
 bench: install
 	$(PYTHON) -m benchmarks.sft_step_cpu
+	$(PYTHON) -m benchmarks.dpo_step_cpu
