@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -31,6 +29,8 @@ import sys
 import time
 
 import torch
+
+from benchmarks.common import cpu_device, write_result
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR = 5e-5
@@ -160,7 +160,7 @@ def main(argv=None) -> dict:
     import trl
     res = {
         "benchmark": "dpo_step_cpu",
-        "device": f"cpu: {platform.processor() or platform.machine()}, {args.threads} threads",
+        "device": cpu_device(args.threads),
         "model": "SmolLM2-135M-Instruct (fp32, from GGUF Q4_1)",
         "lora": "r=16 alpha=32 dropout=0.05 q,k,v,o,gate,up,down",
         "batch": f"{args.batch} pairs, {tokens} tokens per step (chosen + rejected rows, no padding)",
@@ -174,12 +174,7 @@ def main(argv=None) -> dict:
         "torch": torch.__version__,
     }
     res["speedup_vs_trl"] = res["trl_step_s"] / res["engine_step_s"]
-    print(json.dumps(res, indent=1))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(tmp, args.out)
+    write_result(res, args.out)
     return res
 
 

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import platform
 import statistics
 import time
 
 import torch
+
+from benchmarks.common import cpu_device, write_result
 
 from engine.data import Batches, encode_all
 from engine.data.arithmetic import arithmetic_rows
@@ -117,7 +116,7 @@ def main(argv=None) -> dict:
     tokens = args.batch * args.seq
     res = {
         "benchmark": "sft_step_cpu",
-        "device": f"cpu: {platform.processor() or platform.machine()}, {args.threads} threads",
+        "device": cpu_device(args.threads),
         "model": "SmolLM2-135M-Instruct (fp32, from GGUF Q4_1)",
         "lora": "r=16 alpha=32 dropout=0.05 q,k,v,o,gate,up,down",
         "batch": f"{args.batch} x {args.seq} tokens",
@@ -132,12 +131,7 @@ def main(argv=None) -> dict:
         "torch": torch.__version__,
     }
     res["speedup_vs_peer"] = res["peer_step_s"] / res["engine_step_s"]
-    print(json.dumps(res, indent=1))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(tmp, args.out)
+    write_result(res, args.out)
     return res
 
 
