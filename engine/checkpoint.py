@@ -59,20 +59,41 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Per-parameter optimizer state as flat safetensors keys: `state.<param index>.<name>`.
+
+    torch's AdamW keeps tensors only. bitsandbytes' paged optimizers also keep python numbers
+    and a nested dict (`__bnb_optimizer_quant_state__`): nested names are joined with '.', and
+    a python number is stored as a 0-dim tensor under `<key>@int|float|bool` so that it comes
+    back as the same python type.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def put(key: str, value) -> None:
+        if isinstance(value, dict):
+            for name, sub in value.items():
+                put(f"{key}.{name}", sub)
+        elif torch.is_tensor(value):
+            tensors[key] = value.detach().cpu().contiguous()
+        elif isinstance(value, (bool, int, float)):
+            tensors[f"{key}@{type(value).__name__}"] = torch.tensor(value)
+        else:
+            raise TypeError(f"optimizer state {key}: cannot checkpoint a {type(value).__name__}")
+
     sd = optimizer.state_dict()
-    tensors = {}
     for idx, state in sd["state"].items():
-        for name, value in state.items():
-            value = value if torch.is_tensor(value) else torch.tensor(value)
-            tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
+        put(f"state.{idx}", state)
     return tensors, sd["param_groups"]
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
     state: dict[int, dict] = {}
     for key, value in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = value
+        key, _, kind = key.partition("@")
+        _, idx, *path = key.split(".")
+        node = state.setdefault(int(idx), {})
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = {"int": int, "float": float, "bool": bool}[kind](value.item()) if kind else value
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 

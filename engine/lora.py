@@ -105,18 +105,32 @@ def target_module_names(model: nn.Module, target_modules: list[str] | str) -> li
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int | None = None) -> list[str]:
-    """Freeze the whole model, wrap each targeted nn.Linear in a LoRALinear; return their paths."""
+    """Freeze the whole model, wrap each targeted nn.Linear in a LoRALinear; return their paths.
+
+    With cfg.quantize_base == "nf4" (QLoRA, engine.qlora) the targeted layers become QLoRALinear
+    and every other linear layer but the LM head a frozen NF4Linear.
+    """
     if _lora_modules(model):
         raise ValueError("apply_lora: the model already has LoRA layers")
     names = target_module_names(model, cfg.target_modules)
     for p in model.parameters():
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    quantize = cfg.quantize_base == "nf4"
+    if quantize:
+        from engine.qlora import QLoRALinear, quantize_frozen_linears  # here: engine.qlora imports this module
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name in names:
         parent_name, _, child = name.rpartition(".")
-        layer = LoRALinear(model.get_submodule(name), cfg.r, cfg.alpha, cfg.dropout, cfg.rslora,
-                           cfg.init, generator)
+        linear = model.get_submodule(name)
+        args = (linear, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, cfg.init, generator)
+        if quantize and linear is not head:  # the head stays unquantized even when targeted (it may be tied)
+            layer = QLoRALinear(*args, double_quant=cfg.double_quant)
+        else:
+            layer = LoRALinear(*args)
         setattr(model.get_submodule(parent_name), child, layer)
+    if quantize:
+        quantize_frozen_linears(model, cfg.double_quant)
     return names
 
 
@@ -152,6 +166,10 @@ def disable_adapters(model: nn.Module):
 def merge_lora(model: nn.Module) -> None:
     """W += s · B A in every LoRA layer, then put the plain nn.Linear back (peft's merge_and_unload)."""
     for name, m in _lora_modules(model):
+        if not isinstance(m.base_layer, nn.Linear):  # a QLoRALinear: its base is 4-bit NF4
+            raise ValueError(f"merge_lora: {name} has an NF4 base; merge the saved adapter with "
+                             f"`python -m engine.export` (it explains the choice of base)")
+    for name, m in _lora_modules(model):
         W = m.base_layer.weight  # (out, in)
         delta = (m.lora_B.weight.float() @ m.lora_A.weight.float()) * m.scaling  # (out, r) @ (r, in)
         # Sum in fp32 and round once: adding a small delta to bf16 W in bf16 would lose most of it.
@@ -179,8 +197,12 @@ def _saved_targets(model: nn.Module, cfg: LoRAConfig) -> list[str] | str:
     wrapped = [name for name, _ in _lora_modules(model)]
     short = sorted({name.rpartition(".")[2] for name in wrapped})
     inner = (".base_layer", ".lora_A", ".lora_B")  # the nn.Linear parts inside a LoRALinear
+    frozen = (nn.Linear,)
+    if cfg.quantize_base == "nf4":
+        from engine.qlora import NF4Linear  # here: engine.qlora imports this module
+        frozen = (nn.Linear, NF4Linear)  # QLoRA turned the other linear layers into NF4Linear
     candidates = [name for name, m in model.named_modules() if isinstance(m, LoRALinear)
-                  or (isinstance(m, nn.Linear) and not name.endswith(inner))]
+                  or (isinstance(m, frozen) and not name.endswith(inner))]
     return short if [n for n in candidates if _matches(n, short)] == wrapped else wrapped
 
 

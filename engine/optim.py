@@ -3,6 +3,21 @@
 AdamW (Loshchilov & Hutter) over the trainable parameters only: with LoRA
 these are the factors A and B, a fraction of a percent of the model.
 
+`train.optimizer` picks the implementation:
+
+    adamw               torch.optim.AdamW; moments m, v in fp32: 8 bytes per trainable parameter
+    paged_adamw_32bit   bitsandbytes, the same update; moments of large tensors (>= 1e5 numbers)
+                        live in CUDA unified memory, which the driver pages out to CPU RAM
+                        under GPU memory pressure instead of failing with out-of-memory
+    paged_adamw_8bit    the same, with m and v stored as 8-bit codes plus one fp32 scale per
+                        256 numbers (blockwise dynamic quantization): ~2 bytes per parameter.
+                        Tensors under 4096 numbers keep 32-bit moments
+
+QLoRA uses the paged optimizers to survive memory spikes (long sequences). With LoRA the
+moments are small anyway (8 bytes × r·(in+out) per layer), so adamw is the default.
+The paged ones exist only on CUDA: asking for them without it is an error, not a silent
+fallback to adamw, so a recipe never trains with an optimizer it did not name.
+
 The schedule is a pure function of the optimizer step, so resuming needs no
 scheduler object state, only the step number:
 
@@ -23,11 +38,27 @@ import torch
 from engine.recipe import TrainConfig
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
-    # foreach=False keeps the update a plain per-tensor loop: the same
-    # arithmetic on every platform, which the bit-exact resume test relies on.
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, foreach=False)
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer `train.optimizer` names, over `params`, with the recipe's AdamW settings."""
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        # foreach=False keeps the update a plain per-tensor loop: the same
+        # arithmetic on every platform, which the bit-exact resume test relies on.
+        return torch.optim.AdamW(params, **kwargs, foreach=False)
+    missing = []
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:  # not installed, or a broken install
+        missing.append(f"bitsandbytes is not importable: {e}")
+    if not torch.cuda.is_available():
+        missing.append("torch sees no CUDA device")
+    elif any(p.device.type != "cuda" for p in params):
+        missing.append("the trainable parameters are not on the GPU (train.device)")
+    if missing:
+        raise ValueError(f"train.optimizer: {cfg.optimizer} needs bitsandbytes and a CUDA device "
+                         f"({'; '.join(missing)}); use train.optimizer=adamw")
+    cls = {"paged_adamw_32bit": bnb.optim.PagedAdamW32bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}
+    return cls[cfg.optimizer](params, **kwargs)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -68,6 +68,10 @@ class LoRAConfig:
                        "'all-linear', or one regex matched against the full module path"))
     init: Literal["kaiming", "gaussian"] = field(
         default="kaiming", metadata=_help("peft's init: A kaiming-uniform (or normal std 1/r), B zeros"))
+    quantize_base: Optional[Literal["nf4"]] = field(default=None, metadata=_help(
+        "QLoRA: store every frozen linear layer but the LM head as 4-bit NF4 (null: keep the model's dtype)"))
+    double_quant: bool = field(default=True, metadata=_help(
+        "with quantize_base: quantize the per-block fp32 scales to 8 bits too (QLoRA's double quantization)"))
 
 
 @dataclass
@@ -123,6 +127,8 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=_help(
         "AdamW betas", check=(lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)")))
     eps: float = field(default=1e-8, metadata=_help("AdamW epsilon", check=(lambda v: v > 0, "must be > 0")))
+    optimizer: Literal["adamw", "paged_adamw_32bit", "paged_adamw_8bit"] = field(default="adamw", metadata=_help(
+        "adamw (torch), or bitsandbytes' paged AdamW with 32-bit or 8-bit moments (needs CUDA)"))
     scheduler: Literal["constant", "linear", "cosine"] = field(default="constant", metadata=_help(
         "learning-rate schedule after warmup"))
     warmup_steps: int = field(default=0, metadata=_help("linear warmup steps", check=(lambda v: v >= 0, "must be >= 0")))

@@ -40,6 +40,7 @@ from engine.losses import dpo_loss
 from engine.models import cache_root, describe, load_model_and_tokenizer
 from engine.objectives import dpo_objective, orpo_objective, sft_objective, step_totals
 from engine.optim import build_optimizer, lr_at, set_lr
+from engine.qlora import base_memory_report
 from engine.reference import load_or_compute_reference
 from engine.recipe import Recipe, RecipeError, load_recipe, recipe_help, recipe_to_dict
 
@@ -181,12 +182,14 @@ def run(recipe: Recipe) -> dict:
 
     # ---- model, tokenizer, LoRA
     model, tokenizer = load_model_and_tokenizer(recipe.model, device)
+    print(f"model: {describe(model)}")  # before LoRA: quantization turns weights into non-parameters
     targets = apply_lora(model, recipe.lora, seed=tc.seed)
     params = lora_parameters(model)
     n_trainable = sum(p.numel() for p in params)
-    print(f"model: {describe(model)}")
     print(f"lora: r={recipe.lora.r} alpha={recipe.lora.alpha} on {len(targets)} layers "
           f"({n_trainable:,} trainable parameters)")
+    if recipe.lora.quantize_base:
+        print(base_memory_report(model))
 
     # ---- data: rows ─► chat template ─► token ids + loss mask ─► batches; and the objective
     if tc.method == "sft":
@@ -335,6 +338,7 @@ def run_fingerprint(recipe: Recipe) -> dict:
     d = recipe_to_dict(recipe)
     return {"model.name": d["model"]["name"], "train.batch_size": d["train"]["batch_size"],
             "train.grad_accum": d["train"]["grad_accum"], "train.seed": d["train"]["seed"],
+            "train.optimizer": d["train"]["optimizer"],  # the optimizers' states do not convert
             **{f"lora.{k}": v for k, v in d["lora"].items()}, **{f"data.{k}": v for k, v in d["data"].items()}}
 
 

@@ -1,0 +1,301 @@
+"""λ‖s·B A‖₁ of a LoRA update and its gradients, without storing B A.
+
+PAFT's sparse SFT penalises the weight delta of each adapted layer, δ = s·B A with
+A (r, K=in), B (N=out, r), s = alpha/r > 0:
+
+    value = λ·‖s·B A‖₁ = λ·s·Σ_ij |(B A)_ij|
+    dA    = λ·s·Bᵀ sign(B A)        (r, K)
+    dB    = λ·s·sign(B A) Aᵀ        (N, r)
+
+(sign(0) = 0, torch.sign's subgradient: at LoRA's B = 0 start the penalty and its
+gradient are both zero, and the SFT loss moves B off zero first.)
+
+The product is N×K, as large as the frozen weight (11008×4096 = 45M entries, 180 MB in
+fp32 for one MLP projection), while A and B are tiny. The kernels recompute it tile by
+tile, (BLOCK_N × r) @ (r × BLOCK_K), use the tile for |·| and sign(·), and drop it.
+
+Two kernels, one per reduction direction, so that no two programs write the same output
+(no atomics, a deterministic result):
+
+    rows kernel, grid ⌈N/BLOCK_N⌉: program i owns rows i·BLOCK_N.. of B and dB. It walks
+        all K tiles: T = B_i A_k, value partial += Σ|T|, dB_i += sign(T) A_kᵀ.
+        It writes dB_i and one fp32 partial; torch sums the partials (fixed order).
+    cols kernel, grid ⌈K/BLOCK_K⌉: program k owns columns k·BLOCK_K.. of A and dA. It
+        walks all N tiles: T = B_i A_k, dA_k += B_iᵀ sign(T).
+
+The alternative, one 2-D grid of (i, k) tiles computing each T once, needs atomic adds
+into both dA and dB (contended: ⌈K/BLOCK_K⌉ programs add into each dB row block) and a
+non-deterministic summation order. Paying one extra product instead is cheap at LoRA ranks.
+
+FLOPs (r padded to R = max(16, next pow2 r) for tl.dot):
+    rows: 2·N·K·R (T) + 2·N·K·R (dB)      cols: 2·N·K·R (T again) + 2·N·K·R (dA)
+    total 8·N·K·R, against 6·N·K·r for the dense autograd path (product, then two
+    matmuls with the sign matrix). For 11008×4096, r = 64: 23 GFLOP.
+Bytes (HBM, compulsory): read A and B, write dA, dB and ⌈N/BLOCK_N⌉ partials:
+    ≈ (N + K)·r·(bytes_in + 4). Each rows program re-reads all of A and each cols program
+    all of B (⌈N/BLOCK_N⌉·r·K and ⌈K/BLOCK_K⌉·N·r element loads), but A and B are ≤ 3 MB and
+    stay in L2. The dense path writes and re-reads the N×K product and its sign several
+    times (≥ 4·N·K·4 bytes ≈ 720 MB for 11008×4096): the kernels turn a memory-bound
+    problem into a small compute-bound one and need no N×K workspace at all.
+Precision: fp32 tiles use tl.dot(input_precision="ieee") (TF32's 10-bit mantissa would
+perturb |T| by ~1e-3 and flip signs of small entries); bf16/fp16 inputs multiply exactly
+into fp32 accumulators. Value, dA and dB are accumulated in fp32 and cast to the input
+dtype at the end (the value stays fp32).
+"""
+from __future__ import annotations
+
+import torch
+
+try:  # Triton is optional: without it (CPU-only installs) the torch reference serves
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+CHUNK_ELEMENTS = 1 << 24  # torch reference: rows per chunk so a chunk of B A is ≤ 16M entries
+
+
+# --------------------------------------------------------------------------------------
+# torch references
+# --------------------------------------------------------------------------------------
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _check(A: torch.Tensor, B: torch.Tensor, scale: float, lam: float) -> None:
+    if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+        raise ValueError(f"l1_lowrank: need A (r, in) and B (out, r), got A {tuple(A.shape)}, B {tuple(B.shape)}")
+    if not scale > 0:
+        raise ValueError(f"l1_lowrank: scale must be > 0 (sign(s·BA) = sign(BA)), got {scale}")
+    if lam < 0:
+        raise ValueError(f"l1_lowrank: lam must be >= 0, got {lam}")
+
+
+@torch.no_grad()
+def l1_lowrank_torch(A: torch.Tensor, B: torch.Tensor, scale: float, lam: float, need_grad: bool = True,
+                     chunk_rows: int | None = None):
+    """(value, dA, dB) of λ‖s·B A‖₁, materialising B A a chunk of rows at a time.
+
+    Computes in fp32 (fp64 for fp64 inputs); dA, dB come back in A's and B's dtypes
+    (None when need_grad is False); value is a 0-dim tensor in the compute dtype.
+    """
+    _check(A, B, scale, lam)
+    cd = _compute_dtype(A, B)
+    A_c = A.to(cd)
+    N, K = B.shape[0], A.shape[1]
+    rows = chunk_rows or max(1, CHUNK_ELEMENTS // max(1, K))
+    total = torch.zeros((), dtype=cd, device=A.device)
+    dA = torch.zeros_like(A_c) if need_grad else None
+    dB = torch.empty((N, A.shape[0]), dtype=cd, device=B.device) if need_grad else None
+    for n0 in range(0, N, rows):
+        B_c = B[n0:n0 + rows].to(cd)
+        P = B_c @ A_c  # (rows, K): the only large temporary
+        total += P.abs().sum()
+        if need_grad:
+            S = torch.sign(P)
+            dB[n0:n0 + rows] = S @ A_c.T
+            dA += B_c.T @ S
+    c = lam * scale
+    value = total * c
+    if not need_grad:
+        return value, None, None
+    return value, (dA * c).to(A.dtype), (dB * c).to(B.dtype)
+
+
+def l1_lowrank_dense(A: torch.Tensor, B: torch.Tensor, scale: float, lam: float) -> torch.Tensor:
+    """The obvious differentiable version: λ·|s·B A|.sum() through autograd (stores B A)."""
+    return lam * (scale * (B @ A)).abs().sum()
+
+
+@torch.no_grad()
+def sparsity_of_product(A: torch.Tensor, B: torch.Tensor, scale: float, threshold: float = 1e-5,
+                        chunk_rows: int | None = None) -> float:
+    """Share of entries of s·B A with |value| < threshold (PAFT Figure 2), chunked over rows."""
+    if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+        raise ValueError(f"sparsity_of_product: need A (r, in) and B (out, r), got {tuple(A.shape)}, {tuple(B.shape)}")
+    cd = _compute_dtype(A, B)
+    A_c = A.to(cd)
+    N, K = B.shape[0], A.shape[1]
+    if N * K == 0:
+        return 0.0
+    rows = chunk_rows or max(1, CHUNK_ELEMENTS // max(1, K))
+    small = 0
+    for n0 in range(0, N, rows):
+        P = (B[n0:n0 + rows].to(cd) @ A_c).mul_(scale)
+        small += int((P.abs() < threshold).sum().item())
+    return small / (N * K)
+
+
+# --------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------
+
+if triton is not None:
+    @triton.jit
+    def _sign(t):
+        return tl.where(t > 0, 1.0, tl.where(t < 0, -1.0, 0.0))
+
+    @triton.jit
+    def _l1_rows_kernel(A_ptr, B_ptr, partial_ptr, dB_ptr, N, K, R,
+                        stride_ar, stride_ak, stride_bn, stride_br,
+                        NEED_GRAD: tl.constexpr, UPCAST: tl.constexpr, R_PAD: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid = tl.program_id(0)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rr = tl.arange(0, R_PAD)
+        # This program's B rows, loaded once. Padded rank columns (rr >= R) and rows past N
+        # load as 0, so they add 0 to T and their T entries have sign 0: no masking later.
+        b = tl.load(B_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
+                    mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
+        if UPCAST:
+            b = b.to(tl.float32)
+        abs_acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced once, at the end
+        db = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(A_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
+                        mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+            t = tl.dot(b, a, input_precision="ieee")  # (BLOCK_N, BLOCK_K) tile of B A, fp32
+            abs_acc += tl.abs(t)
+            if NEED_GRAD:
+                # ±1/0 are exact in any dtype: cast to A's so the dot runs at A's precision.
+                s = _sign(t).to(a.dtype)
+                db = tl.dot(s, tl.trans(a), db, input_precision="ieee")
+        tl.store(partial_ptr + pid, tl.sum(tl.sum(abs_acc, axis=1), axis=0))
+        if NEED_GRAD:
+            tl.store(dB_ptr + rn[:, None] * R + rr[None, :], db,
+                     mask=(rn[:, None] < N) & (rr[None, :] < R))
+
+    @triton.jit
+    def _l1_cols_kernel(A_ptr, B_ptr, dA_ptr, N, K, R,
+                        stride_ar, stride_ak, stride_bn, stride_br,
+                        UPCAST: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+        pid = tl.program_id(0)
+        rk = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+        rr = tl.arange(0, R_PAD)
+        a = tl.load(A_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
+                    mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+        da = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            rn = n0 + tl.arange(0, BLOCK_N)
+            b = tl.load(B_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
+                        mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
+            if UPCAST:
+                b = b.to(tl.float32)
+            t = tl.dot(b, a, input_precision="ieee")  # the same tile the rows kernel saw
+            s = _sign(t).to(b.dtype)
+            da = tl.dot(tl.trans(b), s, da, input_precision="ieee")
+        tl.store(dA_ptr + rr[:, None] * K + rk[None, :], da,
+                 mask=(rr[:, None] < R) & (rk[None, :] < K))
+
+
+def triton_interpreted() -> bool:
+    """True when this module's kernels were defined under TRITON_INTERPRET=1 (run on CPU tensors)."""
+    if triton is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(_l1_rows_kernel, InterpretedFunction)
+
+
+def _check_triton(*tensors: torch.Tensor) -> None:
+    if triton is None:
+        raise RuntimeError("backend='triton' needs the triton package, which is not installed")
+    on_cuda = all(t.is_cuda for t in tensors)
+    if not on_cuda and not triton_interpreted():
+        raise RuntimeError("backend='triton' on CPU tensors runs only under the Triton interpreter: set "
+                           "TRITON_INTERPRET=1 in the environment before triton (and this module) is imported")
+    if on_cuda and triton_interpreted():
+        raise RuntimeError("TRITON_INTERPRET=1 is set: the interpreted kernels take CPU tensors, not CUDA ones")
+    for t in tensors:
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"l1_lowrank triton path takes fp32/bf16/fp16, got {t.dtype} (use backend='torch')")
+
+
+@torch.no_grad()
+def l1_lowrank_triton(A: torch.Tensor, B: torch.Tensor, scale: float, lam: float, need_grad: bool = True,
+                      block_n: int = 64, block_k: int = 64, poison: bool = False):
+    """(value, dA, dB) as l1_lowrank_torch, from the two Triton kernels.
+
+    poison=True fills every output buffer with NaN before the launch (tests: an element a
+    kernel fails to write then shows up as NaN instead of as a plausible stale value).
+    """
+    _check(A, B, scale, lam)
+    _check_triton(A, B)
+    if B.dtype != A.dtype:
+        raise ValueError(f"l1_lowrank: A and B must share a dtype, got {A.dtype} and {B.dtype}")
+    R, K = A.shape
+    N = B.shape[0]
+    R_PAD = max(16, triton.next_power_of_2(R))  # tl.dot wants every dimension >= 16
+    # The Triton interpreter's bf16/fp16 tl.dot multiplies the raw 16-bit patterns (wrong
+    # results), so interpreted runs upcast tiles to fp32 first. Numerically that is the same
+    # computation: a product of two bf16 numbers is exact in fp32, accumulation is fp32 either way.
+    upcast = triton_interpreted()
+    new = (lambda *s: torch.full(s, float("nan"), dtype=torch.float32, device=A.device)) if poison else \
+        (lambda *s: torch.empty(s, dtype=torch.float32, device=A.device))
+    n_rows = triton.cdiv(N, block_n)
+    partials = new(n_rows)
+    dB = new(N, R) if need_grad else partials  # (dummy pointer when unused)
+    _l1_rows_kernel[(n_rows,)](A, B, partials, dB, N, K, R,
+                               A.stride(0), A.stride(1), B.stride(0), B.stride(1),
+                               NEED_GRAD=need_grad, UPCAST=upcast, R_PAD=R_PAD,
+                               BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    c = lam * scale
+    value = partials.sum() * c  # fixed-order sum of per-program partials: deterministic
+    if not need_grad:
+        return value, None, None
+    dA = new(R, K)
+    _l1_cols_kernel[(triton.cdiv(K, block_k),)](A, B, dA, N, K, R,
+                                                A.stride(0), A.stride(1), B.stride(0), B.stride(1),
+                                                UPCAST=upcast, R_PAD=R_PAD,
+                                                BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    return value, (dA * c).to(A.dtype), (dB * c).to(B.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# autograd + dispatch
+# --------------------------------------------------------------------------------------
+
+def _resolve(backend: str, A: torch.Tensor, B: torch.Tensor) -> str:
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', not {backend!r}")
+    if backend != "auto":
+        return backend
+    ok = (triton is not None and A.is_cuda and B.is_cuda and not triton_interpreted()
+          and A.dtype == B.dtype and A.dtype in (torch.float32, torch.bfloat16, torch.float16))
+    return "triton" if ok else "torch"
+
+
+class L1LowRank(torch.autograd.Function):
+    """value = λ‖s·B A‖₁. The gradients cost about what the value costs and are always
+    wanted when the value is (it is a loss term), so forward computes them (Liger-style)
+    and backward only scales them by the upstream gradient. Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, A, B, scale: float, lam: float, backend: str = "auto"):
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        impl = l1_lowrank_triton if _resolve(backend, A, B) == "triton" else l1_lowrank_torch
+        value, dA, dB = impl(A, B, scale, lam, need_grad=need_grad)
+        if need_grad:
+            ctx.save_for_backward(dA, dB)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        dA, dB = ctx.saved_tensors
+        g = grad_value.to(dA.dtype)
+        return dA * g, dB * g, None, None, None
+
+
+def l1_lowrank(A: torch.Tensor, B: torch.Tensor, scale: float, lam: float, backend: str = "auto") -> torch.Tensor:
+    """λ‖s·B A‖₁ as a differentiable 0-dim tensor. auto: Triton on CUDA, chunked torch else."""
+    return L1LowRank.apply(A, B, float(scale), float(lam), backend)
+
+
+__all__ = ["l1_lowrank", "L1LowRank", "l1_lowrank_torch", "l1_lowrank_triton", "l1_lowrank_dense",
+           "sparsity_of_product", "triton_interpreted"]
