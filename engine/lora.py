@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from engine.kernels.lora_linear import lora_linear
 from engine.recipe import LoRAConfig
 
 CONFIG_FILE = "adapter_config.json"
@@ -49,6 +50,7 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disabled = False
+        self.kernels = "auto"  # "auto" | "triton" | "torch": which implementation of the fused forward
         # The factors are the trainable master copy: fp32 even when the base is bf16.
         # skip_init: no throwaway default init (which would also draw from the global RNG).
         # They are initialised on the CPU, so a seed gives the same A on every device.
@@ -64,11 +66,18 @@ class LoRALinear(nn.Module):
         self.lora_B.to(base_layer.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, T, in) -> (B, T, out)
-        y = self.base_layer(x)
         if self.disabled:
-            return y
-        # The low-rank path runs in x's dtype (bf16 activations: bf16 matmuls); the cast is
-        # differentiable, so gradients still land in the fp32 factors.
+            return self.base_layer(x)
+        if isinstance(self.base_layer, nn.Linear):
+            # y = x Wᵀ + b + s·dropout(x) Aᵀ Bᵀ: one fused Triton kernel on CUDA (the low-rank term is
+            # added in the base GEMM's epilogue), the same math in torch ops on CPU.
+            # See engine/kernels/lora_linear.py; `kernels` comes from the recipe (train.kernels).
+            p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+            return lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight,
+                               self.lora_B.weight, self.scaling, p, self.training, backend=self.kernels)
+        # Any other frozen base (QLoRA's NF4Linear): base output, then the low-rank path in x's dtype;
+        # the cast is differentiable, so gradients still land in the fp32 factors.
+        y = self.base_layer(x)
         A = self.lora_A.weight.to(x.dtype)  # (r, in)
         B = self.lora_B.weight.to(x.dtype)  # (out, r)
         return y + F.linear(F.linear(self.dropout(x), A), B) * self.scaling  # (B, T, r) -> (B, T, out)
@@ -146,6 +155,12 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         sd[f"{KEY_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach()
         sd[f"{KEY_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach()
     return sd
+
+
+def set_kernels(model: nn.Module, backend: str) -> None:
+    """Choose the kernels of every LoRA layer: "auto" (Triton on CUDA, torch on CPU), "triton" or "torch"."""
+    for _, m in _lora_modules(model):
+        m.kernels = backend
 
 
 @contextmanager

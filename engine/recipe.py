@@ -149,6 +149,9 @@ class TrainConfig:
         "'auto' (newest checkpoint in output_dir, if any) or a checkpoint directory"))
     log_every: int = field(default=1, metadata=_help("write metrics every N steps", check=(lambda v: v > 0, "must be > 0")))
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=_help("auto = cuda if available"))
+    kernels: Literal["auto", "triton", "torch"] = field(default="auto", metadata=_help(
+        "auto: Triton kernels on CUDA, torch references on CPU; triton or torch forces one "
+        "(triton on CPU only under TRITON_INTERPRET=1, slowly)"))
     threads: int = field(default=0, metadata=_help("torch CPU threads (0: torch's default)",
                                                    check=(lambda v: v >= 0, "must be >= 0")))
 

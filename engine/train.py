@@ -35,7 +35,7 @@ from functools import partial
 
 from engine.data import Batches, PairBatches, encode_all, encode_pairs, load_examples, load_preference_examples
 from engine.log import RunLog, plot_loss
-from engine.lora import apply_lora, lora_parameters, save_adapter
+from engine.lora import apply_lora, lora_parameters, save_adapter, set_kernels
 from engine.losses import dpo_loss
 from engine.models import cache_root, describe, load_model_and_tokenizer
 from engine.objectives import dpo_objective, orpo_objective, sft_objective, step_totals
@@ -184,6 +184,7 @@ def run(recipe: Recipe) -> dict:
     model, tokenizer = load_model_and_tokenizer(recipe.model, device)
     print(f"model: {describe(model)}")  # before LoRA: quantization turns weights into non-parameters
     targets = apply_lora(model, recipe.lora, seed=tc.seed)
+    set_kernels(model, tc.kernels)
     params = lora_parameters(model)
     n_trainable = sum(p.numel() for p in params)
     print(f"lora: r={recipe.lora.r} alpha={recipe.lora.alpha} on {len(targets)} layers "

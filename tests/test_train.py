@@ -152,3 +152,18 @@ def test_resume_refuses_a_different_data_stream(tmp_path):
     # Extending the same run is fine.
     assert run(tiny(tmp_path, "train.max_steps=4", "train.eval_every=0", "train.warmup_steps=0",
                     "train.resume=auto"))["steps"] == 4
+
+
+def test_triton_kernels_give_the_same_losses_as_torch(tmp_path):
+    # The fused LoRA kernel, run by Triton's interpreter on CPU, against the torch reference path.
+    common = [TINY, "train.max_steps=3", "train.eval_every=0", "train.save_every=0", "train.warmup_steps=0",
+              "train.batch_size=4", "lora.dropout=0.1"]
+    env = {**os.environ, "PYTHONPATH": REPO, "TRITON_INTERPRET": "1"}
+    for backend in ("torch", "triton"):
+        res = subprocess.run([sys.executable, "-m", "engine.train", *common, f"output_dir={tmp_path / backend}",
+                              f"train.kernels={backend}"], cwd=REPO, env=env, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-2000:]
+    losses = {b: [r["loss"] for r in read_metrics(str(tmp_path / b / "metrics.jsonl")) if "loss" in r]
+              for b in ("torch", "triton")}
+    assert len(losses["torch"]) == 3
+    assert losses["triton"] == pytest.approx(losses["torch"], rel=1e-4)
