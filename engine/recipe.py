@@ -178,6 +178,16 @@ class ORPOConfig:
 
 
 @dataclass
+class L1Config:
+    lam: float = field(default=0.0, metadata=_help(
+        "λ of PAFT's sparse SFT, L = L_SFT + λ‖δ‖₁ with δ = s·B A (0: off; the paper uses ~1e-4 to 1e-3)",
+        key="lambda", check=(lambda v: v >= 0, "must be >= 0")))
+    on: Literal["product", "factors"] = field(default="product", metadata=_help(
+        "product: the L1 of δ = s·B A and its gradient, tile by tile without storing δ; "
+        "factors: AdamW followed by a soft-threshold of A and B (proximal step) after each update"))
+
+
+@dataclass
 class LoggingConfig:
     progress_bar: bool = field(default=True, metadata=_help("tqdm progress bar on stderr"))
     wandb: bool = field(default=False, metadata=_help("also log to Weights & Biases"))
@@ -205,6 +215,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig, metadata=_help("optimisation"))
     dpo: DPOConfig = field(default_factory=DPOConfig, metadata=_help("DPO family (train.method: dpo)"))
     orpo: ORPOConfig = field(default_factory=ORPOConfig, metadata=_help("ORPO (train.method: orpo)"))
+    l1: L1Config = field(default_factory=L1Config, metadata=_help("L1-sparse deltas (PAFT eq. 1)"))
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=_help("logging"))
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=_help("evaluation around training"))
 
@@ -295,9 +306,16 @@ def _closest(word: str, options: list[str]) -> str | None:
     return close[0] if close else None
 
 
+def _yaml_key(f: dataclasses.Field) -> str:
+    """A field's key in YAML: its name, or `key` from its metadata where the name is a Python keyword."""
+    return f.metadata.get("key", f.name)
+
+
 def _build(cls, raw: dict, prefix: str = ""):
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {_yaml_key(f): f for f in dataclasses.fields(cls)}
+    # YAML 1.1 reads a bare `on:` key as the boolean true; give it back its name where a field has it.
+    raw = {("on" if key is True and "on" in fields else key): v for key, v in raw.items()}
     for key in raw:
         if key not in fields:
             close = _closest(str(key), list(fields))
@@ -311,11 +329,11 @@ def _build(cls, raw: dict, prefix: str = ""):
             if required:
                 raise RecipeError(f"missing required key '{key}'")
             continue
-        value = _coerce(raw[name], hints[name], key)
+        value = _coerce(raw[name], hints[f.name], key)
         check = f.metadata.get("check")
         if check is not None and value is not None and not check[0](value):
             raise RecipeError(f"{key}: {check[1]}, got {raw[name]!r}")
-        kwargs[name] = value
+        kwargs[f.name] = value
     return cls(**kwargs)
 
 
@@ -372,6 +390,9 @@ def _check_semantics(recipe: Recipe) -> None:
     if recipe.train.warmup_steps > recipe.train.max_steps:
         raise RecipeError(f"train.warmup_steps: {recipe.train.warmup_steps} is more than train.max_steps "
                           f"({recipe.train.max_steps})")
+    if recipe.l1.lam > 0 and recipe.l1.on == "factors" and recipe.train.optimizer != "adamw":
+        raise RecipeError(f"l1.on: factors uses its own fused AdamW + soft-threshold step; it needs "
+                          f"train.optimizer=adamw, not {recipe.train.optimizer}")
     tm = recipe.lora.target_modules
     if isinstance(tm, list) and not tm:
         raise RecipeError("lora.target_modules: must name at least one module")
@@ -397,8 +418,13 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
     return recipe
 
 
-def recipe_to_dict(recipe: Recipe) -> dict:
-    return dataclasses.asdict(recipe)
+def recipe_to_dict(recipe) -> dict:
+    """The recipe as plain YAML-ready data, under the keys a recipe file uses."""
+    out = {}
+    for f in dataclasses.fields(recipe):
+        value = getattr(recipe, f.name)
+        out[_yaml_key(f)] = recipe_to_dict(value) if dataclasses.is_dataclass(value) else value
+    return out
 
 
 def recipe_help(cls=Recipe, prefix: str = "") -> str:
@@ -408,8 +434,8 @@ def recipe_help(cls=Recipe, prefix: str = "") -> str:
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            lines.append(f"{prefix}{f.name}:  {f.metadata.get('help', '')}")
-            lines.append(recipe_help(tp, prefix + f.name + "."))
+            lines.append(f"{prefix}{_yaml_key(f)}:  {f.metadata.get('help', '')}")
+            lines.append(recipe_help(tp, prefix + _yaml_key(f) + "."))
             continue
         if f.default is not dataclasses.MISSING:
             default = f" [default: {f.default!r}]"
@@ -417,5 +443,5 @@ def recipe_help(cls=Recipe, prefix: str = "") -> str:
             default = f" [default: {f.default_factory()!r}]"
         else:
             default = " [required]"
-        lines.append(f"  {prefix}{f.name} ({_type_name(tp)}){default}\n      {f.metadata.get('help', '')}")
+        lines.append(f"  {prefix}{_yaml_key(f)} ({_type_name(tp)}){default}\n      {f.metadata.get('help', '')}")
     return "\n".join(lines)

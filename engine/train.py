@@ -38,7 +38,9 @@ from engine.log import RunLog, plot_loss
 from engine.lora import apply_lora, lora_parameters, save_adapter, set_kernels
 from engine.losses import dpo_loss
 from engine.models import cache_root, describe, load_model_and_tokenizer
-from engine.objectives import dpo_objective, orpo_objective, sft_objective, step_totals
+from engine.kernels.prox_adamw import l1_norm_of, zero_fraction
+from engine.objectives import (delta_sparsity, dpo_objective, l1_penalty, orpo_objective, sft_objective,
+                               step_totals)
 from engine.optim import build_optimizer, lr_at, set_lr
 from engine.qlora import base_memory_report
 from engine.reference import load_or_compute_reference
@@ -202,7 +204,8 @@ def run(recipe: Recipe) -> dict:
         print("warning: train.eval_every/early_stopping_patience set but there is no held-out data", file=sys.stderr)
 
     # ---- optimizer, and the run's state (restored from a checkpoint when resuming)
-    optimizer = build_optimizer(params, tc)
+    l1 = recipe.l1
+    optimizer = build_optimizer(params, tc, l1=l1.lam if l1.on == "factors" else 0.0)
     state = {"micro_batch": 0, "trained_tokens": 0, "best_eval_loss": None, "evals_without_gain": 0,
              "exact_match_before": None}
     if resume_dir:
@@ -253,6 +256,11 @@ def run(recipe: Recipe) -> dict:
                 for k, v in mb_stats.items():
                     stats[k] = stats.get(k, 0.0) + v
             loss = stats.pop("loss")
+            # L1 of the deltas (PAFT sparse SFT, l1.on: product): once per step, on top of the data gradient
+            if l1.lam > 0 and l1.on == "product":
+                penalty = l1_penalty(model, l1.lam, tc.kernels)
+                penalty.backward()
+                stats["l1"] = penalty.item()
             if tc.method == "dpo" and step == 0:
                 check_initial_dpo_loss(stats["dpo_loss"], recipe.dpo, log)
             if tc.method == "dpo" and step == 2 and stats["rewards/chosen"] == stats["rewards/rejected"] == 0.0:
@@ -269,6 +277,9 @@ def run(recipe: Recipe) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if l1.lam > 0 and l1.on == "factors":  # the prox step optimises λ Σ|p| over A and B
+                stats["l1"] = l1.lam * l1_norm_of(params)
+                stats["zero_fraction"] = zero_fraction(params)
             state["micro_batch"] += tc.grad_accum
             state["trained_tokens"] += totals["tokens"]
             dt = time.perf_counter() - t0
@@ -283,6 +294,7 @@ def run(recipe: Recipe) -> dict:
             # held-out loss (and preference accuracy for DPO/ORPO), early stopping
             if eval_batches is not None and tc.eval_every and step % tc.eval_every == 0:
                 held = evaluate(model, eval_objective, eval_batches, tc.eval_batches, device, autocast)
+                held["sparsity"] = delta_sparsity(model)
                 log.write({"step": step, **held})
                 eval_loss = held["eval_loss"]
                 if state["best_eval_loss"] is None or eval_loss < state["best_eval_loss"]:
@@ -312,7 +324,8 @@ def run(recipe: Recipe) -> dict:
         checkpoint(step)
     save_adapter(model, os.path.join(run_dir, "adapter"), recipe.lora, recipe.model.name)
     summary = {"steps": step, "stop_reason": stop_reason, "trained_tokens": state["trained_tokens"],
-               "adapter": os.path.join(run_dir, "adapter")}
+               "adapter": os.path.join(run_dir, "adapter"), "sparsity": delta_sparsity(model)}
+    print(f"delta sparsity (share of |s·B A| < 1e-5, averaged over layers): {summary['sparsity']:.4f}")
     if eval_batches is not None:
         summary.update(evaluate(model, eval_objective, eval_batches, tc.eval_batches, device, autocast))
         print(f"held-out loss: {summary['eval_loss']:.4f}" + (

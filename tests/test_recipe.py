@@ -132,3 +132,12 @@ def test_cli_print_config_and_help(tmp_path):
     assert printed["train"]["lr"] == 0.01 and printed["lora"]["r"] == 8
     helped = run_cli("--help")
     assert helped.returncode == 0 and "train.max_grad_norm" in helped.stdout
+
+
+def test_l1_section_as_the_paper_writes_it(tmp_path):
+    # `on:` is a YAML 1.1 boolean key; `lambda` a Python keyword: both must still work.
+    text = yaml.safe_dump(BASE) + "l1:\n  lambda: 1e-4\n  on: factors\n"
+    r = load_recipe(write(tmp_path, text))
+    assert r.l1.lam == pytest.approx(1e-4) and r.l1.on == "factors"
+    with pytest.raises(RecipeError, match="l1.lambda: must be >= 0"):
+        load_recipe(write(tmp_path, BASE), ["l1.lambda=-1"])

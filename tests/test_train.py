@@ -167,3 +167,15 @@ def test_triton_kernels_give_the_same_losses_as_torch(tmp_path):
               for b in ("torch", "triton")}
     assert len(losses["torch"]) == 3
     assert losses["triton"] == pytest.approx(losses["torch"], rel=1e-4)
+
+
+@pytest.mark.parametrize("on,lam", [("product", "1e-3"), ("factors", "1.0")])
+def test_sparse_sft_makes_sparser_deltas(tmp_path, on, lam):
+    dense = run(tiny(tmp_path / "dense", "train.save_every=0"))
+    sparse = run(tiny(tmp_path / "sparse", "train.save_every=0", f"l1.lambda={lam}", f"l1.on={on}"))
+    assert sparse["sparsity"] > 3 * max(dense["sparsity"], 1e-3), (dense["sparsity"], sparse["sparsity"])
+    rows = read_metrics(str(tmp_path / "sparse" / "metrics.jsonl"))
+    train_rows = [r for r in rows if "loss" in r]
+    assert all(r["l1"] > 0 for r in train_rows[1:])  # B starts at zero: so does the penalty
+    assert [r["sparsity"] for r in rows if "sparsity" in r]  # logged with every evaluation
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
