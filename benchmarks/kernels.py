@@ -223,8 +223,24 @@ def bench_lora_linear(args) -> dict | None:
 
 # ----------------------------------------------------------------------------- main
 
+def bench_prox_and_l1(args) -> None:
+    """The fused AdamW + soft-threshold step and the L1 of B A (benchmarks/kernels_prox.py)."""
+    from benchmarks import kernels_prox
+    kernels_prox.main(["--smoke"] if args.smoke else [])
+
+
+def bench_nf4_dequant(args) -> None:
+    """NF4 dequantization, ours vs bitsandbytes (benchmarks/nf4_dequant.py)."""
+    from benchmarks import nf4_dequant
+    nf4_dequant.main(["--runs", str(args.iters), "--warmup", str(args.warmup)])
+
+
+# Each section prints its table; lora_linear returns its rows for <device>.json, the other two
+# write their own files (<device>_prox.json, <device>_nf4_dequant.json).
 SECTIONS = {
     "lora_linear": bench_lora_linear,
+    "prox_l1": bench_prox_and_l1,
+    "nf4_dequant": bench_nf4_dequant,
 }
 
 

@@ -161,10 +161,10 @@ def _print_table(res: dict) -> None:
             print(f"  {name:36s} {r['ms']:9.3f} ms  {r['TFLOP/s']:8.2f} TFLOP/s{mem}")
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="small sizes, a few iterations")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         print("No CUDA device: the GPU numbers (Triton kernels, copy bandwidth) were not run; "

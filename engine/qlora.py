@@ -40,10 +40,13 @@ engine.export` merges it into a full-precision model (see there for the choice o
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.kernels.lora_linear import lora_linear
 from engine.kernels.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from engine.lora import LoRALinear, lora_parameters
 
@@ -126,6 +129,19 @@ class QLoRALinear(LoRALinear):
                  double_quant: bool = True):
         super().__init__(base_layer, r, alpha, dropout, rslora, init, generator)
         self.base_layer = NF4Linear(base_layer, double_quant)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, T, in) -> (B, T, out)
+        if self.disabled:
+            return self.base_layer(x)
+        # The fused LoRA linear (engine/kernels/lora_linear.py) with W = dequant(NF4), produced by a
+        # function so that backward dequantizes again rather than keeping W (the QLoRA memory saving).
+        nf4 = self.base_layer
+        dtype = _compute_dtype(x)
+        weight = partial(dequantize_nf4, nf4.weight, dtype=dtype)
+        bias = None if nf4.bias is None else nf4.bias.to(dtype)
+        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+        return lora_linear(x.to(dtype), weight, bias, self.lora_A.weight, self.lora_B.weight, self.scaling, p,
+                           self.training, backend=self.kernels)
 
 
 def quantize_frozen_linears(model: nn.Module, double_quant: bool = True) -> list[str]:

@@ -154,10 +154,12 @@ def test_resume_refuses_a_different_data_stream(tmp_path):
                     "train.resume=auto"))["steps"] == 4
 
 
-def test_triton_kernels_give_the_same_losses_as_torch(tmp_path):
-    # The fused LoRA kernel, run by Triton's interpreter on CPU, against the torch reference path.
+@pytest.mark.parametrize("quantize", [[], ["lora.quantize_base=nf4"]], ids=["lora", "qlora"])
+def test_triton_kernels_give_the_same_losses_as_torch(tmp_path, quantize):
+    # The fused LoRA kernel (after NF4 dequant for QLoRA), run by Triton's interpreter on CPU,
+    # against the torch reference path.
     common = [TINY, "train.max_steps=3", "train.eval_every=0", "train.save_every=0", "train.warmup_steps=0",
-              "train.batch_size=4", "lora.dropout=0.1"]
+              "train.batch_size=4", "lora.dropout=0.1", *quantize]
     env = {**os.environ, "PYTHONPATH": REPO, "TRITON_INTERPRET": "1"}
     for backend in ("torch", "triton"):
         res = subprocess.run([sys.executable, "-m", "engine.train", *common, f"output_dir={tmp_path / backend}",

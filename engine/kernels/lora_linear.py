@@ -452,6 +452,11 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W, b, A, B, s, dropout_p, training, impl):
+        # W may also be a zero-argument function returning the weight (QLoRA: dequantize the NF4
+        # base). It is then called again in backward instead of keeping the float weight alive
+        # between forward and backward.
+        ctx.weight_fn = W if callable(W) else None
+        W = W() if callable(W) else W
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             raise ValueError("LoRALinearFunction treats W and b as frozen and computes no gradient for "
                              "them; freeze them (requires_grad_(False)) or use lora_linear(backend='torch')")
@@ -463,13 +468,14 @@ class LoRALinearFunction(torch.autograd.Function):
             y2, xa = lora_forward_triton(x2, W, b, A, B, s, noise2)
         else:
             y2, xa = lora_forward_torch(x2, W, b, A, B, s, noise2)
-        ctx.save_for_backward(x2, W, A, B, noise2, xa)
+        ctx.save_for_backward(x2, None if ctx.weight_fn else W, A, B, noise2, xa)
         ctx.s, ctx.impl, ctx.x_shape = s, impl, x.shape
         return y2.reshape(*lead, W.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
         x2, W, A, B, noise2, xa = ctx.saved_tensors
+        W = ctx.weight_fn() if ctx.weight_fn else W  # (N, K), recomputed for a quantized base
         dy2 = dy.reshape(-1, W.shape[0])  # (M, N); any strides (the kernels take strides)
         need = dict(need_dx=ctx.needs_input_grad[0], need_dA=ctx.needs_input_grad[3],
                     need_dB=ctx.needs_input_grad[4])
@@ -502,6 +508,14 @@ def lora_linear(x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor, s:
     # Triton path casts x, W, b to it here (differentiably; the factors are cast tile by tile inside).
     kind = x.device.type
     amp = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    if callable(W):
+        # A weight function (QLoRA's dequantize): always through the Function, so the float weight
+        # is never saved for backward; "torch" runs the Function's torch twin.
+        if backend == "auto":
+            backend = "triton" if (triton is not None and x.is_cuda and not triton_interpreted()) else "torch"
+        if backend == "triton":
+            _check_triton(x, W(), b, A, B)
+        return LoRALinearFunction.apply(x, W, b, A, B, float(s), float(dropout_p), bool(training), backend)
     if backend == "auto":
         frozen = not (W.requires_grad or (b is not None and b.requires_grad))
         ok = (triton is not None and x.is_cuda and not triton_interpreted() and frozen
