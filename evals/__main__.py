@@ -1,0 +1,139 @@
+"""Evaluate a model, a merged model directory or a LoRA adapter on several tasks.
+
+    python -m evals TARGET --tasks arithmetic,refusal,over_refusal,mc,preference
+                    [--data TASK=FILE ...] [--template tokenizer|vicuna|mistral] [--limit N]
+                    [--batch-size B] [--max-new-tokens T] [--base NAME] [--name NAME] --out results.json
+
+TARGET: an adapter directory (adapter_config.json; its base comes from the config, or --base),
+a Hugging Face model directory, or an engine model name (builtin:tiny-llama, smollm2-135m-instruct).
+
+Tasks (see each module's docstring for what is computed):
+    arithmetic    exact match on builtin:arithmetic held-out problems
+    gsm8k         exact match, number after "####" vs the last number generated   --data gsm8k=FILE.jsonl
+    bbh           exact match of the first generated line with "target"            --data bbh=FILE.jsonl
+    generation    gsm8k or bbh scoring, chosen per row by its fields              --data generation=FILE.jsonl
+    refusal       refusal rate and attack success rate on HarmBench test behaviours
+    over_refusal  refusal rate on benign look-alike prompts (evals/data/benign_prompts.jsonl)
+    mc            multiple-choice log-likelihood accuracy   --data mc=FILE.jsonl | --data mc=DIR/task.json
+    preference    held-out pair accuracy (+ DPO implicit-reward accuracy for adapters);
+                  default data builtin:harmbench, or --data preference=PAIRS.jsonl
+
+--data TASK=FILE can be repeated (a task given several files runs once per file, as
+"TASK:<file stem>"); a bare --data FILE is allowed when exactly one requested task takes data.
+
+The results file (written atomically):
+    {"model": TARGET, "name": ..., "kind": "adapter" | "model_dir" | "name", "base": ...,
+     "settings": {...}, "tasks": {task: {metric: value, ..., "n": ..., "samples": [...]}}}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from engine.data.templates import TEMPLATES
+from evals.common import EvalArgs
+from evals.loading import load_target
+from evals.tasks import NEEDS_DATA, TAKES_DATA, TASKS, evaluate
+
+
+def parse_tasks(values: list[str]) -> list[str]:
+    """["a,b", "c"] -> ["a", "b", "c"] (commas or spaces), duplicates dropped, order kept."""
+    tasks = []
+    for value in values:
+        for t in value.split(","):
+            if t.strip() and t.strip() not in tasks:
+                tasks.append(t.strip())
+    return tasks
+
+
+def parse_data(values: list[str], tasks: list[str]) -> dict[str, list[str]]:
+    """--data values -> {task: [files]} (see the module docstring)."""
+    data: dict[str, list[str]] = {}
+    bare = []
+    for value in values:
+        task, sep, path = value.partition("=")
+        if sep and task in TASKS:
+            if task not in TAKES_DATA:
+                raise ValueError(f"--data: task {task} takes no data file")
+            data.setdefault(task, []).append(path)
+        else:
+            bare.append(value)
+    if bare:
+        takers = [t for t in tasks if t in TAKES_DATA]
+        if len(takers) != 1:
+            raise ValueError(f"--data {bare[0]}: say which task it is for (--data TASK=FILE); "
+                             f"tasks that take data here: {', '.join(takers) or 'none'}")
+        data.setdefault(takers[0], []).extend(bare)
+    for task in tasks:
+        if task in NEEDS_DATA and not data.get(task):
+            raise ValueError(f"{task}: needs a data file (--data {task}=FILE)")
+        for path in data.get(task, []):
+            if path != "builtin:harmbench" and not os.path.exists(path):
+                raise FileNotFoundError(f"--data {task}={path}: file not found")
+    return data
+
+
+def write_json_atomic(obj, path: str) -> None:
+    """Write to a temporary file beside `path`, then rename it over `path`: never half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m evals", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", help="adapter directory, HF model directory or engine model name")
+    p.add_argument("--tasks", nargs="+", required=True, help=f"comma-separated: {','.join(TASKS)}")
+    p.add_argument("--data", action="append", default=[], help="TASK=FILE (repeatable)")
+    p.add_argument("--out", required=True, help="results JSON file")
+    p.add_argument("--base", default=None, help="base model of an adapter (default: its base_model_name_or_path)")
+    p.add_argument("--name", default=None, help="the variant's name in reports (default: TARGET)")
+    p.add_argument("--template", default="tokenizer", choices=TEMPLATES, help="chat template of the prompts")
+    p.add_argument("--limit", type=int, default=None, help="score the first N items of each task")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: each task's own")
+    p.add_argument("--max-length", type=int, default=1024, help="token limit of mc prompts and preference pairs")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO beta of the implicit rewards (preference task)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        tasks = parse_tasks(a.tasks)
+        data = parse_data(a.data, tasks)
+        if a.limit is not None and a.limit < 1:
+            raise ValueError("--limit must be >= 1")
+        device = torch.device(a.device) if a.device else None
+        model, tokenizer, info = load_target(a.target, a.base, device, a.dtype)
+        args = EvalArgs(template=a.template, limit=a.limit, batch_size=a.batch_size,
+                        max_new_tokens=a.max_new_tokens, max_length=a.max_length, beta=a.beta)
+        results = evaluate(model, tokenizer, tasks, args, data)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    settings = {"template": a.template, "limit": a.limit, "batch_size": a.batch_size,
+                "max_new_tokens": a.max_new_tokens, "max_length": a.max_length, "beta": a.beta,
+                "dtype": a.dtype, "data": data}
+    write_json_atomic({"model": a.target, "name": a.name or a.target, "kind": info["kind"], "base": info["base"],
+                       "settings": settings, "tasks": results}, a.out)
+    print(f"evals: wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""What every task shares: its options (EvalArgs), JSONL reading, chat prompts, the model's mode.
+
+Every task is a function `run_<task>(model, tokenizer, args: EvalArgs) -> dict` returning
+scalar metrics, `n` (how many items were scored) and a few `samples` to read.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from evals.exact_match import prompt_text
+
+
+@dataclass
+class EvalArgs:
+    """Options of one task run (the CLI fills these in; the pipeline can build one directly).
+
+    template        chat template of the prompts: tokenizer | vicuna | mistral (engine.data.templates)
+    limit           score only the first `limit` items (None: all)
+    batch_size      prompts (generation) or sequences (log-likelihood) per forward
+    max_new_tokens  greedy generation length; None: the task's own default
+    data            the task's data file (gsm8k, bbh, generation, mc, preference)
+    max_length      preference pairs are truncated to this many tokens (engine.data.pairs)
+    beta            DPO β for the implicit rewards of the preference task
+    """
+    template: str = "tokenizer"
+    limit: int | None = None
+    batch_size: int = 8
+    max_new_tokens: int | None = None
+    data: str | None = None
+    max_length: int = 1024
+    beta: float = 0.1
+
+    def new_tokens(self, default: int) -> int:
+        return self.max_new_tokens if self.max_new_tokens is not None else default
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The rows of a JSONL file; a line that is not a JSON object is an error naming the line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n}: not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def need_data(args: EvalArgs, task: str, example: str) -> str:
+    """args.data, or an error that says what the task wants."""
+    if not args.data:
+        raise ValueError(f"{task}: needs a data file (--data {task}=FILE), e.g. {example}")
+    return args.data
+
+
+def first(items: list, limit: int | None) -> list:
+    return items if limit is None else items[:limit]
+
+
+def chat_prompt(user: str, tokenizer, template: str) -> str:
+    """One user message rendered with the chat template, ending where the assistant's answer begins.
+
+    The same text training saw before an answer (prompt_text cuts the rendered conversation at the
+    final assistant turn; the placeholder answer is cut off).
+    """
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": "."}]
+    return prompt_text(messages, tokenizer, template)
+
+
+@contextmanager
+def eval_mode(model):
+    """Dropout off while scoring; each module's own train/eval flag is put back afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, was_training in modes:
+            m.training = was_training

@@ -1,0 +1,52 @@
+"""What `python -m evals TARGET` evaluates: TARGET -> (model, tokenizer, description).
+
+TARGET is one of
+
+* a peft-format adapter directory (it has adapter_config.json): the base model named by
+  the config's base_model_name_or_path (or `base`, which overrides it) is loaded through
+  engine.models, then engine.lora.load_adapter wraps it. The adapters stay separate, so the
+  preference task can switch them off for a reference model.
+* a Hugging Face model directory (config.json + safetensors), e.g. what
+  `python -m engine.export` writes for a merged model.
+* an engine model name: `builtin:tiny-llama`, `smollm2-135m-instruct`, a .gguf, a hub id.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from engine.lora import CONFIG_FILE, load_adapter
+from engine.models import load_model_and_tokenizer
+from engine.recipe import ModelConfig
+
+
+def adapter_base(adapter_dir: str) -> str:
+    """base_model_name_or_path from an adapter's config."""
+    path = os.path.join(adapter_dir, CONFIG_FILE)
+    with open(path) as f:
+        name = json.load(f).get("base_model_name_or_path")
+    if not name:
+        raise ValueError(f"{path}: no base_model_name_or_path; pass --base NAME")
+    return name
+
+
+def load_target(target: str, base: str | None = None, device: torch.device | None = None,
+                dtype: str = "auto") -> tuple[object, object, dict]:
+    """(model in eval mode, tokenizer, {"target", "kind": adapter|model_dir|name, "base"})."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    is_adapter = os.path.isfile(os.path.join(target, CONFIG_FILE))
+    if base is not None and not is_adapter:
+        raise ValueError(f"--base is only for adapters, and {target!r} has no {CONFIG_FILE}")
+    if is_adapter:
+        base_name = base or adapter_base(target)
+        model, tokenizer = load_model_and_tokenizer(ModelConfig(name=base_name, dtype=dtype), device)
+        load_adapter(model, target)
+        info = {"target": target, "kind": "adapter", "base": base_name}
+    else:
+        model, tokenizer = load_model_and_tokenizer(ModelConfig(name=target, dtype=dtype), device)
+        info = {"target": target, "kind": "model_dir" if os.path.isdir(target) else "name", "base": None}
+    model.eval()
+    model.config.use_cache = True  # greedy generation reuses the KV cache
+    return model, tokenizer, info

@@ -1,0 +1,167 @@
+"""Task `mc`: multiple choice by log-likelihood (MMLU / ARC-style JSONL, BIG-bench task.json).
+
+Nothing is generated. Each choice c is appended to the question's prompt x and scored by
+the model's log-probability of the choice's tokens, summed:
+
+    score(c)       = log p(c | x) = Σ_{t ∈ tokens of c} log p(c_t | x, c_<t)
+    prediction     = argmax_c score(c)
+    accuracy       = (1/n) Σ_i [ prediction_i ∈ gold_i ]
+    accuracy_norm  = the same with score(c) / len(c in UTF-8 bytes)
+
+A sum favours short choices (every extra token can only lower it); dividing by the byte
+length (lm-evaluation-harness's acc_norm) removes most of that bias and, unlike a token
+count, means the same for every tokenizer.
+
+Formats, by file extension:
+
+.jsonl  {"question": ..., "choices": ["...", ...], "answer": 2 | "C" | "2" | "the choice text"}
+        (+ optional "subject": then `by_subject` accuracies). Prompt, cloze style as
+        lm-evaluation-harness's ARC:   "Question: {question}\\nAnswer:"   choice " {text}".
+.json   a BIG-bench task: {"examples": [{"input": ..., "target_scores": {"choice": 0 | 1, ...}}],
+        optional "task_prefix", "example_input_prefix" (default "\\nQ: "),
+        "example_output_prefix" (default "\\nA: ")}. Prompt task_prefix + input prefix + input
+        + output prefix (leading newlines and the trailing space cut), choice " {text}"; the
+        gold choices are those with the highest target score. Examples without
+        target_scores (generative ones) are skipped and counted in `skipped`.
+
+The prompt is plain text, not a chat turn: the usual setting for log-likelihood benchmarks.
+Prompt and choice are tokenized separately (prompt with the tokenizer's special tokens, e.g.
+a BOS, choice without), so the choice's tokens are the same whatever the prompt ends with.
+A prompt longer than max_length loses tokens from its start.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from engine.data.batches import collate
+from engine.losses import IGNORE, hidden_states, sequence_logps
+from evals.common import EvalArgs, eval_mode, first, need_data, read_jsonl
+
+
+# --------------------------------------------------------------------------- data
+
+def _gold_index(answer, choices: list[str], where: str) -> int:
+    if isinstance(answer, bool):
+        answer = None  # a JSON true/false is not an index
+    elif isinstance(answer, str):
+        a = answer.strip()
+        if len(a) == 1 and a.isalpha():
+            answer = ord(a.upper()) - ord("A")
+        elif a.isdigit():
+            answer = int(a)
+        elif a in choices:
+            answer = choices.index(a)
+    if not isinstance(answer, int) or not 0 <= answer < len(choices):
+        raise ValueError(f"{where}: answer {answer!r} is not a choice index, letter or text of {len(choices)} choices")
+    return answer
+
+
+def jsonl_items(path: str) -> list[dict]:
+    """MMLU / ARC-style rows -> [{"context", "choices", "gold": [index], "subject"}]."""
+    items = []
+    for i, row in enumerate(read_jsonl(path)):
+        where = f"{path} row {i + 1}"
+        choices = row.get("choices")
+        if not isinstance(row.get("question"), str) or not isinstance(choices, list) or len(choices) < 2 \
+                or not all(isinstance(c, str) for c in choices):
+            raise ValueError(f"{where}: needs \"question\" and a \"choices\" list of at least 2 strings")
+        items.append({"context": f"Question: {row['question'].strip()}\nAnswer:", "choices": choices,
+                      "gold": [_gold_index(row.get("answer"), choices, where)], "subject": row.get("subject")})
+    return items
+
+
+def bigbench_items(path: str) -> tuple[list[dict], int]:
+    """A BIG-bench task.json -> (items as jsonl_items gives them, number of skipped examples)."""
+    with open(path, encoding="utf-8") as f:
+        task = json.load(f)
+    if not isinstance(task, dict) or not isinstance(task.get("examples"), list):
+        raise ValueError(f"{path}: not a BIG-bench task (no \"examples\" list)")
+    prefix = task.get("task_prefix", "")
+    in_prefix = task.get("example_input_prefix", "\nQ: ")
+    out_prefix = task.get("example_output_prefix", "\nA: ")
+    items, skipped = [], 0
+    for ex in task["examples"]:
+        scores = ex.get("target_scores") if isinstance(ex, dict) else None
+        if not isinstance(scores, dict) or len(scores) < 2 or not isinstance(ex.get("input"), str):
+            skipped += 1
+            continue
+        choices = list(scores)
+        best = max(scores.values())
+        context = (prefix + in_prefix + ex["input"] + out_prefix).lstrip("\n").rstrip(" ")
+        items.append({"context": context, "choices": choices,
+                      "gold": [i for i, c in enumerate(choices) if scores[c] == best], "subject": None})
+    return items, skipped
+
+
+# --------------------------------------------------------------------------- scoring
+
+@torch.no_grad()
+def continuation_logps(model, tokenizer, requests: list[tuple[str, str]], batch_size: int,
+                       max_length: int = 1024) -> list[tuple[float, int]]:
+    """(Σ log p(continuation tokens | context), number of continuation tokens) per (context, continuation).
+
+    One right-padded forward per batch; the continuation's tokens are the only labels, so
+    engine.losses.sequence_logps sums exactly their log-probs (the chunked LM-head path
+    training uses, in fp32).
+    """
+    device = next(model.parameters()).device
+    samples = []
+    for context, continuation in requests:
+        ctx = tokenizer(context, add_special_tokens=True)["input_ids"]
+        cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        if not cont:
+            raise ValueError(f"mc: the choice {continuation!r} has no tokens")
+        if not ctx:  # something must come before the first choice token to predict it from
+            ctx = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
+        ctx = ctx[-max(1, max_length - len(cont)):]  # a long prompt loses its start
+        samples.append({"input_ids": ctx + cont, "labels": [IGNORE] * len(ctx) + cont})
+    out = []
+    with eval_mode(model):
+        for start in range(0, len(samples), batch_size):
+            batch = collate([[s] for s in samples[start:start + batch_size]], tokenizer.pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            sums, counts = sequence_logps(model, hidden_states(model, batch), batch["labels"])  # (B,), (B,)
+            out += list(zip(sums.tolist(), counts.tolist()))
+    return out
+
+
+def score_items(model, tokenizer, items: list[dict], batch_size: int, max_length: int = 1024) -> list[dict]:
+    """Each item with `scores` (summed log-probs), `norm_scores` (per byte) and both predictions."""
+    requests = [(it["context"], " " + c.strip()) for it in items for c in it["choices"]]
+    logps = continuation_logps(model, tokenizer, requests, batch_size, max_length)
+    scored, k = [], 0
+    for it in items:
+        n = len(it["choices"])
+        sums = [s for s, _ in logps[k:k + n]]
+        lengths = [len(c.encode("utf-8")) for _, c in requests[k:k + n]]
+        norm = [s / max(1, length) for s, length in zip(sums, lengths)]
+        k += n
+        scored.append({**it, "scores": sums, "norm_scores": norm,
+                       "pred": max(range(n), key=sums.__getitem__), "pred_norm": max(range(n), key=norm.__getitem__)})
+    return scored
+
+
+def run_mc(model, tokenizer, args: EvalArgs) -> dict:
+    path = need_data(args, "mc", "an MMLU-style .jsonl or a BIG-bench task.json")
+    if path.endswith(".json"):
+        items, skipped = bigbench_items(path)
+    else:
+        items, skipped = jsonl_items(path), 0
+    items = first(items, args.limit)
+    if not items:
+        raise ValueError(f"mc: {path} has no multiple-choice items")
+    scored = score_items(model, tokenizer, items, args.batch_size, args.max_length)
+    hits = [it["pred"] in it["gold"] for it in scored]
+    hits_norm = [it["pred_norm"] in it["gold"] for it in scored]
+    result = {"accuracy": sum(hits) / len(hits), "accuracy_norm": sum(hits_norm) / len(hits), "n": len(hits),
+              "skipped": skipped}
+    subjects = {it["subject"] for it in scored if it["subject"]}
+    if subjects:
+        result["by_subject"] = {s: sum(h for it, h in zip(scored, hits) if it["subject"] == s)
+                                / sum(1 for it in scored if it["subject"] == s) for s in sorted(subjects)}
+    result["samples"] = [{"prompt": it["context"][-200:], "choices": it["choices"], "gold": it["gold"],
+                          "scores": it["scores"], "pred": it["pred"], "correct": h}
+                         for it, h in zip(scored[:5], hits)]
+    return result

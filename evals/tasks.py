@@ -1,0 +1,75 @@
+"""The task registry and `evaluate`: run several tasks on one model, collect their metrics.
+
+    from evals.tasks import evaluate
+    from evals.common import EvalArgs
+    results = evaluate(model, tokenizer, ["arithmetic", "refusal"], EvalArgs(limit=50))
+    # {"arithmetic": {"exact_match": ..., "n": ..., "samples": [...], "seconds": ...}, "refusal": {...}}
+
+Each task is `run_<task>(model, tokenizer, args) -> dict` in a module of its own.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+from evals.arithmetic import run_arithmetic
+from evals.common import EvalArgs
+from evals.generation import run_bbh, run_generation, run_gsm8k
+from evals.harmbench import run_refusal
+from evals.mc import run_mc
+from evals.over_refusal import run_over_refusal
+from evals.preference import run_preference
+
+TASKS = {
+    "arithmetic": run_arithmetic,      # exact match, builtin:arithmetic held out
+    "gsm8k": run_gsm8k,                # exact match on the number after ####        (--data)
+    "bbh": run_bbh,                    # exact match on a target string              (--data)
+    "generation": run_generation,      # either of the two, per row                  (--data)
+    "refusal": run_refusal,            # HarmBench test refusal rate / ASR
+    "over_refusal": run_over_refusal,  # refusals of benign look-alike prompts       ([--data])
+    "mc": run_mc,                      # multiple-choice log-likelihood accuracy      (--data)
+    "preference": run_preference,      # held-out preference (and DPO reward) accuracy ([--data])
+}
+NEEDS_DATA = ("gsm8k", "bbh", "generation", "mc")
+TAKES_DATA = NEEDS_DATA + ("over_refusal", "preference")
+
+# The metric that sums up each task: the default columns of evals.report.
+HEADLINE = {"arithmetic": "exact_match", "gsm8k": "exact_match", "bbh": "exact_match",
+            "generation": "exact_match", "refusal": "refusal_rate", "over_refusal": "over_refusal_rate",
+            "mc": "accuracy", "preference": "accuracy"}
+
+
+def task_of(key: str) -> str:
+    """The task of a results key: "mc:arc_easy" -> "mc"."""
+    return key.split(":", 1)[0]
+
+
+def evaluate(model, tokenizer, tasks: list[str], args: EvalArgs, data: dict[str, list[str]] | None = None,
+             log=print) -> dict:
+    """{key: metrics} for each task. `data` maps a task to its data files; a task with several
+    files runs once per file under the key "<task>:<file stem>"; otherwise the key is the task."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"--tasks: unknown task(s) {', '.join(unknown)} (known: {', '.join(TASKS)})")
+    data = data or {}
+    results = {}
+    for task in tasks:
+        files = data.get(task) or [args.data]
+        for path in files:
+            key = task if len(files) == 1 else f"{task}:{_stem(path)}"
+            start = time.perf_counter()
+            metrics = TASKS[task](model, tokenizer, dataclasses.replace(args, data=path))
+            metrics["seconds"] = round(time.perf_counter() - start, 2)
+            results[key] = metrics
+            if log:
+                log(f"{key}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                           for k, v in metrics.items() if isinstance(v, (int, float))))
+    return results
+
+
+def _stem(path: str) -> str:
+    base = os.path.basename(os.path.normpath(path))
+    if base == "task.json":  # BIG-bench keeps every task in <name>/task.json
+        base = os.path.basename(os.path.dirname(os.path.normpath(path)))
+    return base.split(".")[0] or base
