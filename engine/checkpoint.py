@@ -11,6 +11,13 @@ A checkpoint is a directory `checkpoints/step-000120/` holding
 
 Only safetensors and JSON: nothing is unpickled when a run resumes.
 
+Several ranks (engine/distributed.py): every rank calls save_checkpoint and rank 0 writes
+it. ddp adds `rng-rank<k>.safetensors` per other rank (dropout streams differ per rank);
+the rest is replicated, so such a checkpoint resumes on any number of ranks. fsdp2 keeps
+the factors and the optimizer state sharded: `sharded/` (torch.distributed.checkpoint,
+tensors only, metadata read by a restricted unpickler) replaces optimizer.safetensors,
+adapter/ still holds the full factors, and it resumes only under fsdp2 on as many ranks.
+
 Atomicity: the directory is written under a temporary name and renamed into
 place once complete, so a run killed mid-save leaves the previous checkpoint
 untouched and no half checkpoint that looks complete. `trainer_state.json`
@@ -28,6 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine import distributed as dist
 from engine.lora import copy_lora_tensors, save_adapter
 
 STATE_FILE = "trainer_state.json"
@@ -99,20 +107,47 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
 
 def save_checkpoint(run_dir: str, step: int, model, optimizer, lora_cfg, base_model_name: str,
                     trainer_state: dict, keep: int) -> str:
-    """Write checkpoints/step-<step>/ atomically and prune all but the newest `keep`."""
-    root = os.path.join(run_dir, "checkpoints")
-    os.makedirs(root, exist_ok=True)
-    final = os.path.join(root, f"step-{step:06d}")
-    tmp = os.path.join(root, f".tmp-step-{step:06d}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    """Write checkpoints/step-<step>/ atomically and prune all but the newest `keep`.
 
-    save_adapter(model, os.path.join(tmp, "adapter"), lora_cfg, base_model_name)
-    opt_tensors, groups = _optimizer_tensors(optimizer)
-    save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
-    rng_tensors, rng_meta = _rng_state()
+    With several ranks, every rank calls this (it gathers RNG states and, under fsdp2, the
+    factors); rank 0 writes.
+    """
+    root = os.path.join(run_dir, "checkpoints")
+    final = os.path.join(root, f"step-{step:06d}")
+    tmp = dist.from_main(os.path.join(root, f".tmp-step-{step:06d}-{os.getpid()}"))  # rank 0's name, everywhere
+    rngs = dist.gather_object(_rng_state())  # [rank 0's, rank 1's, ...] on rank 0
+    if dist.is_main():
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    sharded = dist.mode() == "fsdp2"
+    if sharded:  # every rank writes its shards of the factors and their optimizer state
+        dist.save_sharded(os.path.join(tmp, dist.SHARDED_DIR), model, optimizer)
+    with dist.full_lora(model):  # fsdp2: the whole factors, gathered from every rank
+        if dist.is_main():
+            save_adapter(model, os.path.join(tmp, "adapter"), lora_cfg, base_model_name)
+    if dist.is_main():
+        _write_checkpoint(tmp, final, run_dir, step, optimizer, not sharded, rngs, trainer_state, keep)
+    dist.barrier()  # no rank moves on before the checkpoint is in place
+    return final
+
+
+def _write_checkpoint(tmp: str, final: str, run_dir: str, step: int, optimizer, optimizer_file: bool, rngs: list,
+                      trainer_state: dict, keep: int) -> None:
+    if optimizer_file:
+        opt_tensors, groups = _optimizer_tensors(optimizer)
+        save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
+    else:  # fsdp2: the state is in sharded/; its hyper-parameters still go to trainer_state.json
+        groups = optimizer.state_dict()["param_groups"]
+    rng_tensors, rng_meta = rngs[0]
     save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
+    for k, (tensors, _) in enumerate(rngs[1:], start=1):
+        save_file(tensors, os.path.join(tmp, f"rng-rank{k}.safetensors"))
     state = {**trainer_state, "step": step, "optimizer_param_groups": groups, "rng": rng_meta}
+    if dist.mode() != "none":
+        state["distributed"] = {"mode": dist.mode(), "world": dist.world()}
+        state["rng_ranks"] = {str(k): meta for k, (_, meta) in enumerate(rngs[1:], start=1)}
     with open(os.path.join(tmp, STATE_FILE), "w") as f:
         json.dump(state, f, indent=1)
         f.flush()
@@ -128,7 +163,6 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, lora_cfg, base_mo
 
     for stale in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
-    return final
 
 
 def list_checkpoints(run_dir: str) -> list[str]:
@@ -157,12 +191,34 @@ def find_resume_dir(resume: str | None, run_dir: str) -> str | None:
 
 
 def load_checkpoint(ckpt_dir: str, model, optimizer) -> dict:
-    """Restore LoRA factors, optimizer and RNG state in place; return the trainer state."""
+    """Restore LoRA factors, optimizer and RNG state in place; return the trainer state.
+
+    With several ranks every rank calls this; each restores its own RNG stream.
+    """
     with open(os.path.join(ckpt_dir, STATE_FILE)) as f:
         state = json.load(f)
-    adapter_file = os.path.join(ckpt_dir, "adapter", "adapter_model.safetensors")
-    copy_lora_tensors(model, load_file(adapter_file), adapter_file)
-    _load_optimizer(optimizer, load_file(os.path.join(ckpt_dir, "optimizer.safetensors")),
-                    state["optimizer_param_groups"])
-    _set_rng_state(load_file(os.path.join(ckpt_dir, "rng.safetensors")), state["rng"])
+    saved = state.get("distributed", {"mode": "none", "world": 1})
+    if saved["mode"] == "fsdp2" and (dist.mode(), dist.world()) != ("fsdp2", saved["world"]):
+        raise ValueError(f"train.resume: {ckpt_dir} holds fsdp2 shards from {saved['world']} ranks; it resumes only "
+                         f"under train.distributed=fsdp2 on {saved['world']} ranks (this run: {dist.mode()} on "
+                         f"{dist.world()})")
+    if dist.mode() == "fsdp2" and saved["mode"] != "fsdp2":
+        raise ValueError(f"train.resume: {ckpt_dir} was saved by a train.distributed={saved['mode']} run; "
+                         f"train.distributed=fsdp2 resumes only fsdp2 checkpoints")
+    if saved["mode"] == "fsdp2":
+        dist.load_sharded(os.path.join(ckpt_dir, dist.SHARDED_DIR), model, optimizer, state["optimizer_param_groups"])
+    else:
+        adapter_file = os.path.join(ckpt_dir, "adapter", "adapter_model.safetensors")
+        copy_lora_tensors(model, load_file(adapter_file), adapter_file)
+        _load_optimizer(optimizer, load_file(os.path.join(ckpt_dir, "optimizer.safetensors")),
+                        state["optimizer_param_groups"])
+    k = dist.rank()
+    if k == 0:
+        _set_rng_state(load_file(os.path.join(ckpt_dir, "rng.safetensors")), state["rng"])
+    elif os.path.isfile(os.path.join(ckpt_dir, f"rng-rank{k}.safetensors")):
+        _set_rng_state(load_file(os.path.join(ckpt_dir, f"rng-rank{k}.safetensors")), state["rng_ranks"][str(k)])
+    if saved["world"] != dist.world():
+        print(f"note: {ckpt_dir} was written on {saved['world']} rank(s), this run has {dist.world()}: the same "
+              f"samples per step (batch_size is global), but ranks without a saved RNG state start fresh "
+              f"dropout streams")
     return state

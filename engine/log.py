@@ -4,6 +4,9 @@
 `step, loss, lr, grad_norm, tokens_per_s, trained_tokens`; evaluation rows
 carry `eval_loss` (and whatever else the evaluation measured). On resume, rows
 past the resumed step are dropped first so the file reads as one clean run.
+
+With several ranks only rank 0 logs: the others get a RunLog(enabled=False), which
+opens no file, draws no bar and writes nothing.
 """
 from __future__ import annotations
 
@@ -17,8 +20,11 @@ from tqdm import tqdm
 
 class RunLog:
     def __init__(self, run_dir: str, total_steps: int, start_step: int, progress_bar: bool,
-                 wandb_cfg: dict | None = None):
+                 wandb_cfg: dict | None = None, enabled: bool = True):
         self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.enabled = enabled
+        if not enabled:
+            return
         _truncate_after(self.path, start_step)
         self.file = open(self.path, "a")
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not progress_bar,
@@ -34,20 +40,28 @@ class RunLog:
                                     id=wandb_cfg.get("id"))
 
     def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
     def advance(self, n: int, postfix: dict) -> None:
+        if not self.enabled:
+            return
         self.bar.update(n)
         self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in postfix.items()})
 
     def message(self, text: str) -> None:
         """Print above the progress bar without breaking it."""
+        if not self.enabled:
+            return
         self.bar.write(text, file=sys.stderr)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.bar.close()
         self.file.close()
         if self.wandb is not None:

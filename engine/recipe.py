@@ -154,6 +154,10 @@ class TrainConfig:
         "(triton on CPU only under TRITON_INTERPRET=1, slowly)"))
     threads: int = field(default=0, metadata=_help("torch CPU threads (0: torch's default)",
                                                    check=(lambda v: v >= 0, "must be >= 0")))
+    distributed: Literal["none", "ddp", "fsdp2"] = field(default="none", metadata=_help(
+        "several GPUs, one process each, under `torchrun --nproc_per_node N -m engine.train`: ddp (replicated "
+        "model, summed LoRA gradients) or fsdp2 (sharded model); batch_size is then the GLOBAL micro-batch size "
+        "(engine/distributed.py)"))
 
 
 @dataclass
@@ -393,6 +397,12 @@ def _check_semantics(recipe: Recipe) -> None:
     if recipe.l1.lam > 0 and recipe.l1.on == "factors" and recipe.train.optimizer != "adamw":
         raise RecipeError(f"l1.on: factors uses its own fused AdamW + soft-threshold step; it needs "
                           f"train.optimizer=adamw, not {recipe.train.optimizer}")
+    if recipe.train.distributed == "fsdp2":
+        if recipe.l1.lam > 0:
+            raise RecipeError("l1.lambda: the L1 penalty reads whole LoRA factors, which train.distributed=fsdp2 "
+                              "shards; use train.distributed=ddp")
+        if recipe.train.optimizer != "adamw":
+            raise RecipeError(f"train.optimizer: train.distributed=fsdp2 needs adamw, not {recipe.train.optimizer}")
     tm = recipe.lora.target_modules
     if isinstance(tm, list) and not tm:
         raise RecipeError("lora.target_modules: must name at least one module")

@@ -12,6 +12,10 @@ The loss of one optimizer step is the mean NLL over every trained token of its
 micro-batches: each micro-batch contributes (sum of its token NLLs) / (tokens
 in the whole step), so accumulation gives exactly the gradient of one big batch.
 
+Several GPUs: `torchrun --nproc_per_node N -m engine.train recipe.yaml train.distributed=ddp`
+(or fsdp2). The loop below is the same; the lines marked `dist:` shard the data, sum the
+step's counts, gradients and stats over ranks, and keep files to rank 0 (engine/distributed.py).
+
 Exit status: 0 done, 2 bad input (one `error:` line on stderr), 3 the loss
 became NaN/Inf (the last good checkpoint is kept).
 """
@@ -30,6 +34,7 @@ import numpy as np
 import torch
 import yaml
 
+from engine import distributed as dist
 from engine.checkpoint import find_resume_dir, list_checkpoints, load_checkpoint, save_checkpoint
 from functools import partial
 
@@ -42,6 +47,7 @@ from engine.kernels.prox_adamw import l1_norm_of, zero_fraction
 from engine.objectives import (delta_sparsity, dpo_objective, l1_penalty, orpo_objective, sft_objective,
                                step_totals)
 from engine.optim import build_optimizer, lr_at, set_lr
+from engine.pipeline import PipelineStepFailed, is_pipeline, load_pipeline, pipeline_to_dict, run_pipeline
 from engine.qlora import base_memory_report
 from engine.reference import load_or_compute_reference
 from engine.recipe import Recipe, RecipeError, load_recipe, recipe_help, recipe_to_dict
@@ -77,7 +83,7 @@ def evaluate(model, objective, batches, n_batches: int, device, autocast) -> dic
     """Held-out means of the objective's stats over the first `n_batches` micro-batches, as `eval_*`."""
     model.eval()
     micro = [batches.batch(i) for i in range(min(n_batches, len(batches)))]
-    totals = step_totals(micro)  # normalise over the whole held-out pass, as over one big step
+    totals = dist.all_reduce_sum(step_totals(micro))  # normalise over the whole held-out pass (all ranks' shares)
     sums: dict[str, float] = {}
     for mb in micro:
         with autocast():
@@ -85,7 +91,7 @@ def evaluate(model, objective, batches, n_batches: int, device, autocast) -> dic
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v
     model.train()
-    return {f"eval_{k}": v for k, v in sums.items()}
+    return {f"eval_{k}": v for k, v in dist.all_reduce_sum(sums).items()}
 
 
 def sft_data(recipe: Recipe, tokenizer):
@@ -166,7 +172,7 @@ def run(recipe: Recipe) -> dict:
     tc = recipe.train
     run_dir = recipe.output_dir
     os.makedirs(run_dir, exist_ok=True)
-    device = pick_device(tc.device)
+    device = dist.init(tc.distributed, pick_device(tc.device))  # dist: join torchrun's processes (none: no-op)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     random.seed(tc.seed)
@@ -180,7 +186,8 @@ def run(recipe: Recipe) -> dict:
     if resume_dir is None and list_checkpoints(run_dir):
         raise ValueError(f"output_dir: {run_dir} already holds checkpoints; set train.resume=auto to continue "
                          f"that run, or choose another output_dir")
-    _write_text(os.path.join(run_dir, "recipe.yaml"), yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    if dist.is_main():
+        _write_text(os.path.join(run_dir, "recipe.yaml"), yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
 
     # ---- model, tokenizer, LoRA
     model, tokenizer = load_model_and_tokenizer(recipe.model, device)
@@ -203,6 +210,14 @@ def run(recipe: Recipe) -> dict:
     if eval_batches is None and (tc.eval_every or tc.early_stopping_patience):
         print("warning: train.eval_every/early_stopping_patience set but there is no held-out data", file=sys.stderr)
 
+    # ---- dist: each rank takes its rows of every micro-batch; DDP/FSDP2 wrapping; own dropout stream per rank
+    model = dist.wrap(model, device)
+    params = lora_parameters(model)  # FSDP2 replaced them by sharded ones
+    train_batches.shard(dist.rank(), dist.world())
+    if eval_batches is not None:
+        eval_batches.shard(dist.rank(), dist.world())
+    dist.seed_rank_stream(tc.seed)
+
     # ---- optimizer, and the run's state (restored from a checkpoint when resuming)
     l1 = recipe.l1
     optimizer = build_optimizer(params, tc, l1=l1.lam if l1.on == "factors" else 0.0)
@@ -213,7 +228,7 @@ def run(recipe: Recipe) -> dict:
         _check_same_run(state.get("run_fingerprint", {}), run_fingerprint(recipe), resume_dir)
         print(f"resumed from {resume_dir} at step {state['step']}")
     start_step = state.get("step", 0)
-    if start_step == 0 and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+    if start_step == 0 and dist.is_main() and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         os.remove(os.path.join(run_dir, "metrics.jsonl"))
 
     if recipe.eval.exact_match and state["exact_match_before"] is None:
@@ -224,7 +239,7 @@ def run(recipe: Recipe) -> dict:
     if recipe.logging.wandb:
         wandb_cfg = {"project": recipe.logging.wandb_project, "mode": recipe.logging.wandb_mode,
                      "config": recipe_to_dict(recipe), "id": _stable_id(run_dir)}
-    log = RunLog(run_dir, tc.max_steps, start_step, recipe.logging.progress_bar, wandb_cfg)
+    log = RunLog(run_dir, tc.max_steps, start_step, recipe.logging.progress_bar, wandb_cfg, enabled=dist.is_main())
 
     def checkpoint(step: int) -> str:
         return save_checkpoint(run_dir, step, model, optimizer, recipe.lora, recipe.model.name,
@@ -245,16 +260,20 @@ def run(recipe: Recipe) -> dict:
             # batch: the step's micro-batches are a pure function of the data position (resumable)
             micro = [train_batches.batch(state["micro_batch"] + i) for i in range(tc.grad_accum)]
             totals = step_totals(micro)  # the step's trained tokens / pairs: every micro-batch divides by these
-            seen_tokens = sum(input_tokens(mb) for mb in micro)
+            totals = dist.all_reduce_sum(totals)  # dist: the GLOBAL step's counts (this rank has only its rows)
+            seen_tokens = dist.all_reduce_sum(sum(input_tokens(mb) for mb in micro))
 
             # forward, loss, backward (gradients accumulate in .grad; stats sum to the step's means)
             stats: dict[str, float] = {}
-            for mb in micro:
+            for j, mb in enumerate(micro):
+                dist.grad_sync(last=j == len(micro) - 1)  # dist: FSDP2 reduces gradients in the last backward only
                 with autocast():
                     loss_mb, mb_stats = objective(model, to_device(mb, device), totals)
                 loss_mb.backward()
                 for k, v in mb_stats.items():
                     stats[k] = stats.get(k, 0.0) + v
+            dist.sync_grads(params)  # dist: DDP sums the LoRA gradients over ranks (each holds its share)
+            stats = dist.all_reduce_sum(stats)  # dist: every rank's share of the step's means, summed
             loss = stats.pop("loss")
             # L1 of the deltas (PAFT sparse SFT, l1.on: product): once per step, on top of the data gradient
             if l1.lam > 0 and l1.on == "product":
@@ -269,7 +288,7 @@ def run(recipe: Recipe) -> dict:
 
             # clip: the global L2 norm over all LoRA gradients, measured before clipping
             max_norm = tc.max_grad_norm if tc.max_grad_norm is not None else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            grad_norm = dist.clip_grad_norm(params, max_norm)  # = clip_grad_norm_ (FSDP2: over all shards)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise NonFiniteLoss(f"step {step + 1}: loss={loss} grad_norm={grad_norm}")
 
@@ -294,7 +313,8 @@ def run(recipe: Recipe) -> dict:
             # held-out loss (and preference accuracy for DPO/ORPO), early stopping
             if eval_batches is not None and tc.eval_every and step % tc.eval_every == 0:
                 held = evaluate(model, eval_objective, eval_batches, tc.eval_batches, device, autocast)
-                held["sparsity"] = delta_sparsity(model)
+                with dist.full_lora(model):  # dist: FSDP2 gathers the sharded factors
+                    held["sparsity"] = delta_sparsity(model)
                 log.write({"step": step, **held})
                 eval_loss = held["eval_loss"]
                 if state["best_eval_loss"] is None or eval_loss < state["best_eval_loss"]:
@@ -322,9 +342,12 @@ def run(recipe: Recipe) -> dict:
     # ---- outputs: final checkpoint, adapter in peft format, held-out metrics, plot, summary
     if not list_checkpoints(run_dir) or not list_checkpoints(run_dir)[-1].endswith(f"step-{step:06d}"):
         checkpoint(step)
-    save_adapter(model, os.path.join(run_dir, "adapter"), recipe.lora, recipe.model.name)
+    with dist.full_lora(model):  # dist: FSDP2 gathers the sharded factors; only rank 0 writes
+        if dist.is_main():
+            save_adapter(model, os.path.join(run_dir, "adapter"), recipe.lora, recipe.model.name)
+        sparsity = delta_sparsity(model)
     summary = {"steps": step, "stop_reason": stop_reason, "trained_tokens": state["trained_tokens"],
-               "adapter": os.path.join(run_dir, "adapter"), "sparsity": delta_sparsity(model)}
+               "adapter": os.path.join(run_dir, "adapter"), "sparsity": sparsity}
     print(f"delta sparsity (share of |s·B A| < 1e-5, averaged over layers): {summary['sparsity']:.4f}")
     if eval_batches is not None:
         summary.update(evaluate(model, eval_objective, eval_batches, tc.eval_batches, device, autocast))
@@ -338,8 +361,10 @@ def run(recipe: Recipe) -> dict:
         summary["exact_match_samples"] = after["samples"]
         print(f"held-out exact match: before {state['exact_match_before']:.3f} -> after {after['exact_match']:.3f} "
               f"(n={after['n']})")
-    plot_loss(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "loss.png"), title=recipe.model.name)
-    _write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=1))
+    if dist.is_main():
+        plot_loss(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "loss.png"), title=recipe.model.name)
+        _write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=1))
+    dist.barrier()  # dist: every rank returns once rank 0's files are written
     print(f"done: {step} steps; adapter in {summary['adapter']}; metrics in {os.path.join(run_dir, 'metrics.jsonl')}")
     return summary
 
@@ -396,6 +421,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     args = parser.parse_args(argv)
     try:
+        if os.path.isfile(args.recipe) and is_pipeline(args.recipe):  # stages + merges + evals
+            cfg = load_pipeline(args.recipe, args.overrides)
+            if args.print_config:
+                print(yaml.safe_dump(pipeline_to_dict(cfg), sort_keys=False), end="")
+                return 0
+            run_pipeline(cfg)
+            return 0
         recipe = load_recipe(args.recipe, args.overrides)
         if args.print_config:
             print(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), end="")
@@ -406,12 +438,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         return 3
-    except (RecipeError, ValueError, FileNotFoundError, ImportError) as e:
+    except (RecipeError, ValueError, FileNotFoundError, ImportError, PipelineStepFailed) as e:
         if args.debug:
             raise
         message = " ".join(str(e).split())  # one line, whatever the exception carried
-        print(f"error: {message}", file=sys.stderr)
+        where = "" if dist.is_main() else f"[rank {dist.rank()}] "  # several ranks: say which one
+        print(f"error: {where}{message}", file=sys.stderr)
         return 2
+    finally:
+        dist.teardown()  # leave torchrun's process group (nothing to do in a single process)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,11 @@ cheap. There is no attention mask: given position_ids that restart at 0 and no
 attention_mask, transformers builds a block-diagonal causal mask, so a sample
 never attends to the one before it. This detection only runs without a KV cache:
 call the model with use_cache=False (its config default is often True).
+
+Several ranks (engine/distributed.py): `shard(rank, world)` makes batch(i) return only
+rows rank, rank+world, rank+2·world, ... of global micro-batch i. batch_size stays the
+GLOBAL micro-batch size, so the ranks' shards of batch i together are exactly batch i of
+a single process, and batch(i) is still a pure function of i.
 """
 from __future__ import annotations
 
@@ -59,6 +64,7 @@ class Batches:
         self.seed = seed
         self.pad_id = pad_id
         self.packing = packing
+        self.rank, self.world = 0, 1  # see shard()
         if packing:
             self.rows = self._pack(max_length)  # list of rows, each a list of sample indices
         else:
@@ -83,11 +89,27 @@ class Batches:
         """Micro-batches per epoch."""
         return -(-len(self.rows) // self.batch_size)
 
+    def shard(self, rank: int, world: int) -> "Batches":
+        """From now on batch(i) holds only this rank's rows of global micro-batch i:
+        rows rank, rank + world, ... (a ValueError if some rank could get none)."""
+        if self.batch_size % world:
+            raise ValueError(f"train.batch_size: {self.batch_size} is the global micro-batch size and must be "
+                             f"divisible by the {world} ranks")
+        last = len(self.rows) % self.batch_size  # rows in the short last micro-batch of an epoch, if any
+        if 0 < last < world:
+            raise ValueError(f"train.batch_size: the last micro-batch of an epoch has {last} rows "
+                             f"({len(self.rows)} rows, batch_size {self.batch_size}), fewer than the {world} ranks; "
+                             f"choose a batch_size that leaves no such remainder")
+        self.rank, self.world = rank, world
+        return self
+
     def _pick(self, i: int) -> list:
-        """The rows of global micro-batch i: slice j of epoch e's seeded permutation."""
+        """This rank's rows of global micro-batch i: slice j of epoch e's seeded permutation, then
+        every world-th row from the rank's (all of them in a single process)."""
         epoch, j = divmod(i, len(self))
         order = torch.randperm(len(self.rows), generator=_generator(self.seed, epoch)).tolist()
-        return [self.rows[r] for r in order[j * self.batch_size:(j + 1) * self.batch_size]]
+        rows = [self.rows[r] for r in order[j * self.batch_size:(j + 1) * self.batch_size]]
+        return rows[self.rank::self.world]
 
     def batch(self, i: int) -> dict:
         rows = [[self.samples[s] for s in row] for row in self._pick(i)]
