@@ -193,7 +193,7 @@ def merge_lora(model: nn.Module) -> None:
         setattr(model.get_submodule(parent_name), child, m.base_layer)
 
 
-def _atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
     """Call write(tmp) on a temp file beside `path`, then rename it over `path`: no half-written files."""
     tmp = f"{path}.{os.getpid()}.tmp"  # same directory, so os.replace is an atomic rename
     try:
@@ -235,9 +235,9 @@ def save_adapter(model: nn.Module, out_dir: str, cfg: LoRAConfig, base_model_nam
         "modules_to_save": None, "use_dora": False, "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {},
     }
     os.makedirs(out_dir, exist_ok=True)
-    _atomic_write(os.path.join(out_dir, WEIGHTS_FILE), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(os.path.join(out_dir, WEIGHTS_FILE), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(os.path.join(out_dir, CONFIG_FILE), lambda p: Path(p).write_text(text))
+    atomic_write(os.path.join(out_dir, CONFIG_FILE), lambda p: Path(p).write_text(text))
 
 
 # peft options that change the layer or the forward; we only load plain LoRA. Each is harmless

@@ -544,8 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        torch.set_grad_enabled(False)
-        plan = run(args.config, args.out, args.as_adapter, args.seed)
+        with torch.no_grad():  # scoped: main() is also called in-process (tests), never leak grad mode
+            plan = run(args.config, args.out, args.as_adapter, args.seed)
     except (MergeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -23,10 +23,12 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 
 import torch
 
 from engine.kernels.l1_lowrank import sparsity_of_product
+from engine.lora import atomic_write
 from merge.deltas import Adapter, Checkpoint, MergeError, open_model, remove_tree
 
 THRESHOLD = 1e-5
@@ -99,16 +101,6 @@ def measure(path: str, base: str | None = None, threshold: float = THRESHOLD, sc
                           "exact_zeros": sum(r["exact_zeros"] for r in layers)}}
 
 
-def _atomic(path: str, write) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_outputs(result: dict, out_dir: str) -> tuple[str, str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -118,7 +110,7 @@ def write_outputs(result: dict, out_dir: str) -> tuple[str, str]:
     json_path = os.path.join(out_dir, "sparsity.json")
     png_path = os.path.join(out_dir, "sparsity_hist.png")
     text = json.dumps(result, indent=1) + "\n"
-    _atomic(json_path, lambda p: open(p, "w").write(text))
+    atomic_write(json_path, lambda p: Path(p).write_text(text))
 
     h = result["histogram"]
     edges, counts = h["log10_edges"], h["counts"]
@@ -133,7 +125,7 @@ def write_outputs(result: dict, out_dir: str) -> tuple[str, str]:
                  fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _atomic(png_path, lambda p: fig.savefig(p, format="png", dpi=100))
+    atomic_write(png_path, lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)
     return json_path, png_path
 
@@ -156,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="directory for sparsity.json and sparsity_hist.png (default: the input's)")
     parser.add_argument("--threshold", type=float, default=THRESHOLD, help="|δ| below this counts as zero")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
     try:
-        result = measure(args.input, args.base, args.threshold)
+        with torch.no_grad():  # scoped, so an in-process caller keeps its grad mode
+            result = measure(args.input, args.base, args.threshold)
         out = args.out or (args.input if os.path.isdir(args.input) else ".")
         paths = write_outputs(result, out)
     except (MergeError, OSError) as e:

@@ -543,3 +543,13 @@ def test_sparsity_of_full_model_against_base(world, tmp_path, capsys):
     direct = sparsity.measure(world["a"][0])
     for r in direct["layers"]:
         assert r["sparsity"] == pytest.approx(by_name[r["name"]])
+
+
+def test_cli_leaves_grad_mode_alone(tmp_path):
+    # main() runs in-process in tests and tools: a leaked torch.set_grad_enabled(False) broke later training.
+    import merge.__main__ as merge_cli
+    import merge.sparsity as sparsity_cli
+    assert torch.is_grad_enabled()
+    merge_cli.main([str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")])
+    sparsity_cli.main([str(tmp_path / "missing")])
+    assert torch.is_grad_enabled()
