@@ -106,6 +106,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from engine.kernels import check_triton_device, is_interpreted
+
 try:  # Triton is optional: the torch path is the reference and runs everywhere.
     import triton
     import triton.language as tl
@@ -267,22 +269,12 @@ if triton is not None:
 
 def triton_interpreted() -> bool:
     """True when this module's kernels were defined under TRITON_INTERPRET=1 (they run on CPU tensors)."""
-    if triton is None:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(_matmul_lora_kernel, InterpretedFunction)
+    return triton is not None and is_interpreted(_matmul_lora_kernel)
 
 
 def _check_triton(x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor) -> None:
     """Clear errors for everything the Triton path does not do (backend='torch' does it all)."""
-    if triton is None:
-        raise RuntimeError("backend='triton' needs the triton package, which is not installed")
-    if not x.is_cuda and not triton_interpreted():
-        raise RuntimeError("backend='triton' on CPU tensors runs only under the Triton interpreter: set "
-                           "TRITON_INTERPRET=1 in the environment before triton (and this module) is imported, "
-                           "or use backend='torch'")
-    if x.is_cuda and triton_interpreted():
-        raise RuntimeError("TRITON_INTERPRET=1 is set: the interpreted kernels take CPU tensors, not CUDA ones")
+    check_triton_device(x.is_cuda, triton_interpreted(), triton)
     if x.dtype not in _TRITON_DTYPES:
         raise TypeError(f"lora_linear backend='triton' supports float32 and bfloat16 activations, not {x.dtype} "
                         "(use backend='torch')")
@@ -457,6 +449,8 @@ class LoRALinearFunction(torch.autograd.Function):
         # between forward and backward.
         ctx.weight_fn = W if callable(W) else None
         W = W() if callable(W) else W
+        if ctx.weight_fn is not None and impl == "triton":
+            _check_triton(x, W, b, A, B)  # checked here, where the weight exists, not by an extra dequant
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             raise ValueError("LoRALinearFunction treats W and b as frozen and computes no gradient for "
                              "them; freeze them (requires_grad_(False)) or use lora_linear(backend='torch')")
@@ -513,8 +507,6 @@ def lora_linear(x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor, s:
         # is never saved for backward; "torch" runs the Function's torch twin.
         if backend == "auto":
             backend = "triton" if (triton is not None and x.is_cuda and not triton_interpreted()) else "torch"
-        if backend == "triton":
-            _check_triton(x, W(), b, A, B)
         return LoRALinearFunction.apply(x, W, b, A, B, float(s), float(dropout_p), bool(training), backend)
     if backend == "auto":
         frozen = not (W.requires_grad or (b is not None and b.requires_grad))

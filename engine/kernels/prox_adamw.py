@@ -52,6 +52,8 @@ from __future__ import annotations
 
 import torch
 
+from engine.kernels import check_triton_device, is_interpreted
+
 try:  # Triton is optional: without it (CPU-only installs) the torch reference serves
     import triton
     import triton.language as tl
@@ -166,21 +168,11 @@ if triton is not None:
 
 def triton_interpreted() -> bool:
     """True when this module's kernels were defined under TRITON_INTERPRET=1 (run on CPU tensors)."""
-    if triton is None:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(_prox_adamw_kernel, InterpretedFunction)
+    return triton is not None and is_interpreted(_prox_adamw_kernel)
 
 
 def _check_triton(*tensors: torch.Tensor) -> None:
-    if triton is None:
-        raise RuntimeError("backend='triton' needs the triton package, which is not installed")
-    on_cuda = all(t.is_cuda for t in tensors)
-    if not on_cuda and not triton_interpreted():
-        raise RuntimeError("backend='triton' on CPU tensors runs only under the Triton interpreter: set "
-                           "TRITON_INTERPRET=1 in the environment before triton (and this module) is imported")
-    if on_cuda and triton_interpreted():
-        raise RuntimeError("TRITON_INTERPRET=1 is set: the interpreted kernels take CPU tensors, not CUDA ones")
+    check_triton_device(all(t.is_cuda for t in tensors), triton_interpreted(), triton)
 
 
 @torch.no_grad()
