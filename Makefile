@@ -23,5 +23,6 @@ test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"
 
 bench: install
-	$(PYTHON) -m benchmarks.sft_step_cpu
-	$(PYTHON) -m benchmarks.dpo_step_cpu
+	$(PYTHON) -m benchmarks.train_step --config cpu-smollm2-lora-sft
+	$(PYTHON) -m benchmarks.train_step --config cpu-smollm2-lora-dpo
+	$(PYTHON) -m benchmarks.report --readme README.md

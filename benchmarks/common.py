@@ -1,20 +1,90 @@
-"""Small helpers shared by the benchmark scripts."""
+"""Small helpers shared by the benchmark scripts: result files, device names, peak memory."""
 from __future__ import annotations
 
 import json
 import os
 import platform
+import re
+import resource
 
 
 def cpu_device(threads: int) -> str:
     return f"cpu: {platform.processor() or platform.machine()}, {threads} threads"
 
 
+def cpu_model_name() -> str:
+    """The processor's marketing name from /proc/cpuinfo (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_slug(name: str) -> str:
+    """A file-name-safe device name: 'NVIDIA H200' -> 'nvidia-h200'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
 def write_result(res: dict, path: str) -> None:
     """Print the result and write it as JSON, atomically."""
     print(json.dumps(res, indent=1))
+    write_json(res, path)
+
+
+def write_json(obj: dict, path: str) -> None:
+    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
+        json.dump(obj, f, indent=1)
+        f.write("\n")
     os.replace(tmp, path)
+
+
+def merge_run(path: str, header: dict, name: str, run: dict) -> dict:
+    """Put `run` under runs[name] of the JSON file at `path` (created if missing), keep the other runs,
+    refresh the top-level `header` fields, and write the file back. Returns the whole document."""
+    doc = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            doc = json.load(f)
+    doc.update(header)
+    doc.setdefault("runs", {})[name] = run
+    doc["runs"] = dict(sorted(doc["runs"].items()))  # a stable order keeps diffs of the committed file small
+    write_json(doc, path)
+    return doc
+
+
+# --------------------------------------------------------------------------- peak resident memory (CPU)
+# ru_maxrss is the peak of the whole process and never goes down, so it would charge the model load to
+# the training steps. Linux can reset the peak: writing "5" to /proc/self/clear_refs sets VmHWM (the
+# "high-water mark" of resident memory) back to the current RSS. Where that is refused, fall back to
+# ru_maxrss and say so in the result.
+
+def reset_peak_rss() -> str:
+    """Reset the process's peak RSS if the kernel lets us; returns the method `peak_rss_mib` will use."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _vm_hwm_kib()
+        return "VmHWM reset after setup"
+    except (OSError, ValueError):
+        return "ru_maxrss (whole process, load included)"
+
+
+def peak_rss_mib(method: str) -> float:
+    if method.startswith("VmHWM"):
+        return _vm_hwm_kib() / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _vm_hwm_kib() -> int:
+    with open("/proc/self/status") as f:
+        match = re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.M)
+    if match is None:
+        raise ValueError("no VmHWM in /proc/self/status")
+    return int(match.group(1))

@@ -39,7 +39,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 import torch
 import torch.nn as nn
@@ -80,12 +82,26 @@ def merged_model(adapter_dir: str, base: str, model_name: str | None = None, dty
 
 
 def export(adapter_dir: str, out_dir: str, base: str, model_name: str | None = None, dtype: str = "float32",
-           double_quant: bool = True) -> str:
-    """Merge (see merged_model), round to bf16 and save model + config + tokenizer into out_dir."""
+           double_quant: bool = True, out_dtype: str = "bfloat16") -> str:
+    """Merge (see merged_model), round once to out_dtype (bf16 by default; float32 keeps the merge
+    exact, as the PAFT pipeline's sequential baseline needs) and save model + config + tokenizer
+    into out_dir: written under a temporary name and renamed (file by file into an existing
+    out_dir, config.json last), so a reader never finds config.json beside half the weights."""
     model, tokenizer = merged_model(adapter_dir, base, model_name, dtype, double_quant)
-    model.to(torch.bfloat16)
-    model.save_pretrained(out_dir)  # safetensors: model.safetensors + config.json + generation_config.json
-    tokenizer.save_pretrained(out_dir)
+    model.to(getattr(torch, out_dtype))
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        model.save_pretrained(tmp)  # safetensors: model.safetensors + config.json + generation_config.json
+        tokenizer.save_pretrained(tmp)
+        if not os.path.isdir(out_dir):
+            os.replace(tmp, out_dir)
+        else:
+            for f in sorted(os.listdir(tmp), key=lambda f: f == "config.json"):
+                os.replace(os.path.join(tmp, f), os.path.join(out_dir, f))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
@@ -110,15 +126,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="base model (default: the adapter's base_model_name_or_path)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="dtype the base is loaded in; for --base nf4 the run's model.dtype (default: float32)")
+    parser.add_argument("--out-dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),
+                        help="dtype the merged weights are saved in (default: bfloat16)")
     parser.add_argument("--double-quant", default=True, action=argparse.BooleanOptionalAction,
                         help="--base nf4: the run's lora.double_quant (default: true)")
     args = parser.parse_args(argv)
     try:
-        export(args.adapter_dir, args.out, args.base, args.model, args.dtype, args.double_quant)
+        export(args.adapter_dir, args.out, args.base, args.model, args.dtype, args.double_quant, args.out_dtype)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    print(f"export: {args.adapter_dir} merged into the {args.base} base, saved in bf16 to {args.out}")
+    print(f"export: {args.adapter_dir} merged into the {args.base} base, saved in {args.out_dtype} to {args.out}")
     return 0
 
 

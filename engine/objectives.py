@@ -88,10 +88,11 @@ def orpo_objective(model, mb: dict, totals: dict, cfg) -> tuple[torch.Tensor, di
     out = preference_forward(model, mb, n)
     mean = out["logps"] / out["n_tokens"]  # ORPO's odds use per-token mean log-probs
     nll = out["chosen_nll_sum"] / totals["chosen_tokens"]
-    # orpo_loss averages its odds term over the pairs it sees; rescale so the step's mean is over all pairs.
-    _, log_odds, ratio = orpo_loss(mean[:n], mean[n:], torch.zeros((), device=mean.device), cfg.lam)
+    # orpo_loss with a zero NLL returns −λ·mean_B(log σ(log_odds)), with its gradient (its ratio output is
+    # detached, for logging only); rescale the mean over this micro-batch's pairs to one over the step's pairs.
+    or_loss, log_odds, ratio = orpo_loss(mean[:n], mean[n:], torch.zeros((), device=mean.device), cfg.lam)
     odds_term = ratio.sum() / totals["pairs"]
-    loss = nll - cfg.lam * odds_term
+    loss = nll + or_loss * (n / totals["pairs"])
     p = totals["pairs"]
     stats = {"loss": loss.item(), "nll_chosen": nll.item(), "log_odds": log_odds.detach().sum().item() / p,
              "log_odds_ratio": odds_term.item(),

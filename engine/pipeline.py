@@ -6,11 +6,14 @@ A pipeline recipe has one top-level key, `pipeline`:
       output_dir: out/paft
       model: smollm2-135m-instruct           # the shared base of every stage
       stages:                                # each a training recipe, run into <output_dir>/<name>/
-        sft_sparse: {recipe: recipes/paft/quickstart_sft.yaml, overrides: [l1.lambda=1e-3]}
-        dpo:        {recipe: recipes/paft/quickstart_dpo.yaml}
-        sequential: {recipe: recipes/paft/quickstart_dpo.yaml, after: sft}   # SFT → DPO baseline
+        sft:        {recipe: recipes/quickstart/sft.yaml}
+        sft_sparse: {recipe: recipes/quickstart/sft.yaml, overrides: [l1.lambda=1e-3]}
+        dpo:        {recipe: recipes/quickstart/dpo.yaml}
+        sequential: {recipe: recipes/quickstart/dpo.yaml, after: sft}   # SFT → DPO baseline
       merges:                                # mergekit-style; a list value of density/t/lambda is a sweep
         - {method: ties, models: [sft_sparse, dpo], weight: [1.0, 1.0], density: [0.3, 0.6]}
+        - {method: slerp, models: [sft_sparse, dpo], t: 0.5}           # SLERP between the two fine-tunes
+        - {name: ties_dense, method: ties, models: [sft, dpo], weight: [1.0, 1.0], density: 0.5}
       evals: {tasks: [arithmetic, refusal, over_refusal], limit: 50}
 
 The flow (PAFT, Pentyala et al. 2024): the SFT and DPO stages start from the same base and are
@@ -22,8 +25,10 @@ one table is printed and written (results.md, results.png, results.json).
 
 Every step writes its result under output_dir and is skipped when that result already exists,
 so an interrupted pipeline resumes where it stopped (stages also resume from their own
-checkpoints). Each step runs as a subprocess of the engine's own command-line tools
-(`python -m engine.train`, `engine.export`, `merge`, `evals`), so each can also be rerun by hand.
+checkpoints). Each step is one of the engine's own command-line tools, printed before it runs,
+so each can also be rerun by hand: training stages as subprocesses (`python -m engine.train`,
+a fresh process per run), the quick steps (`engine.export`, `merge`, `merge.sparsity`, `evals`)
+through their `main(argv)` in this process, which saves a Python + torch start-up for each.
 """
 from __future__ import annotations
 
@@ -61,6 +66,10 @@ class EvalsConfig:
     max_new_tokens: int = field(default=32, metadata={"help": "greedy generation length"})
     batch_size: int = field(default=25, metadata={"help": "generation batch size"})
     template: str = field(default="tokenizer", metadata={"help": "chat template for prompts"})
+    harmbench: str = field(default="all", metadata={
+        "help": "refusal task: HarmBench test behaviours all | standard | contextual"})
+    data: list[str] = field(default_factory=list, metadata={
+        "help": "TASK=FILE data for the tasks that read files (mc, gsm8k, bbh, ...), as python -m evals --data"})
 
 
 @dataclass
@@ -100,18 +109,24 @@ def load_pipeline(path: str, overrides: list[str] = ()) -> PipelineConfig:
                 raise RecipeError(f"pipeline.merges[{i}].models: no stage named {model!r}")
         if "method" not in spec:
             raise RecipeError(f"pipeline.merges[{i}]: missing 'method'")
+    names = [name for spec in cfg.merges for name, _ in merge_variants(spec)]
+    clash = sorted({n for n in names if names.count(n) > 1} | (set(names) & (set(cfg.stages) | {"base"})))
+    if clash:
+        raise RecipeError(f"pipeline.merges: two variants would both be named {clash[0]!r} "
+                          f"(give one merge a 'name')")
     return cfg
 
 
 def merge_variants(spec: dict) -> list[tuple[str, dict]]:
-    """Expand list-valued density / t / lambda into one merge per combination, each with a name."""
+    """Expand list-valued density / t / lambda into one merge per combination, each with a name:
+    the spec's `name` (default: its method), then the swept values (`ties_density0.3`)."""
     sweep = {k: v for k, v in spec.items() if k in ("density", "t", "lambda") and isinstance(v, list)}
     fixed = {k: v for k, v in spec.items() if k not in sweep}
     variants = []
     for values in itertools.product(*sweep.values()) if sweep else [()]:
         params = {**fixed, **dict(zip(sweep, values))}
         tag = "_".join(f"{k}{v:g}" for k, v in zip(sweep, values))
-        variants.append((f"{spec['method']}" + (f"_{tag}" if tag else ""), params))
+        variants.append((str(spec.get("name", spec["method"])) + (f"_{tag}" if tag else ""), params))
     return variants
 
 
@@ -121,7 +136,7 @@ def mergekit_config(params: dict, base: str, adapters: dict[str, str]) -> dict:
     weights = params.get("weight", [1.0] * len(models))
     entries = []
     for model, weight in zip(models, weights):
-        p = {"weight": weight}
+        p = {} if params["method"] == "slerp" else {"weight": weight}  # slerp takes t alone
         if "density" in params:
             p["density"] = params["density"]
         entries.append({"model": adapters[model], "parameters": p})
@@ -141,6 +156,19 @@ def _run(cmd: list[str], what: str, threads: int) -> None:
         raise PipelineStepFailed(f"pipeline: {what} failed (command above); fix it and rerun: finished steps are kept")
 
 
+def _call(module: str, argv: list[str], what: str) -> None:
+    """`python -m module *argv`, run in this process through the module's main(argv)."""
+    import importlib
+    print(f"pipeline: {what}: python -m {module} {' '.join(argv)}", flush=True)
+    main = importlib.import_module(module if module in ("engine.export", "merge.sparsity") else module + ".__main__").main
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    if code:
+        raise PipelineStepFailed(f"pipeline: {what} failed (command above); fix it and rerun: finished steps are kept")
+
+
 def _done(path: str) -> bool:
     return os.path.exists(path)
 
@@ -148,6 +176,9 @@ def _done(path: str) -> bool:
 def run_pipeline(cfg: PipelineConfig) -> list[dict]:
     out, py = cfg.output_dir, sys.executable
     os.makedirs(out, exist_ok=True)
+    if cfg.threads:
+        import torch
+        torch.set_num_threads(cfg.threads)  # for the in-process steps; stages get train.threads
     thread_args = [f"train.threads={cfg.threads}"] if cfg.threads else []
 
     def stage_dir(name: str) -> str:
@@ -184,8 +215,9 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
             continue
         folded = os.path.join(stage_dir(stage.after), "merged")
         if not _done(os.path.join(folded, "config.json")):
-            _run([py, "-m", "engine.export", adapter(stage.after), "--out", folded, "--base", "original",
-                  "--model", cfg.model, "--dtype", "float32"], f"fold {stage.after} into the base", cfg.threads)
+            _call("engine.export", [adapter(stage.after), "--out", folded, "--base", "original",
+                                    "--model", cfg.model, "--dtype", "float32", "--out-dtype", "float32"],
+                  f"fold {stage.after} into the base")
         if _done(os.path.join(stage_dir(name), "summary.json")):
             print(f"pipeline: stage {name}: done, skipped")
         else:
@@ -193,11 +225,13 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
 
     # ---- 3. merges of the stages' task vectors into the base
     merged: dict[str, str] = {}
+    merged_from: dict[str, str] = {}  # variant -> one adapter it merges (whose layers its sparsity covers)
     adapters = {n: adapter(n) for n in cfg.stages}
     for spec in cfg.merges:
         for variant, params in merge_variants(spec):
             target = os.path.join(out, "merges", variant)
             merged[variant] = target
+            merged_from[variant] = adapters[params["models"][0]]
             if _done(os.path.join(target, "config.json")):
                 print(f"pipeline: merge {variant}: done, skipped")
                 continue
@@ -205,7 +239,7 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
             os.makedirs(os.path.dirname(config_path), exist_ok=True)
             with open(config_path, "w") as f:
                 yaml.safe_dump(mergekit_config(params, cfg.model, adapters), f, sort_keys=False)
-            _run([py, "-m", "merge", config_path, "--out", target], f"merge {variant}", cfg.threads)
+            _call("merge", [config_path, "--out", target], f"merge {variant}")
 
     # ---- 4. evaluate every variant: base, each stage, each merge
     variants = {"base": cfg.model, **{n: adapter(n) for n in cfg.stages}, **merged}
@@ -215,16 +249,19 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
         result = os.path.join(out, "evals", f"{variant}.json")
         if not _done(result):
             os.makedirs(os.path.dirname(result), exist_ok=True)
-            _run([py, "-m", "evals", target, "--tasks", ",".join(e.tasks), "--name", variant,
-                  "--limit", str(e.limit), "--max-new-tokens", str(e.max_new_tokens), "--batch-size", str(e.batch_size),
-                  "--template", e.template, "--out", result], f"evaluate {variant}", cfg.threads)
+            _call("evals", [target, "--tasks", ",".join(e.tasks), "--name", variant,
+                            "--limit", str(e.limit), "--max-new-tokens", str(e.max_new_tokens),
+                            "--batch-size", str(e.batch_size), "--template", e.template, "--harmbench", e.harmbench,
+                            *[a for d in e.data for a in ("--data", d)], "--out", result], f"evaluate {variant}")
         with open(result) as f:
             rows.append({"name": variant, **_flatten(json.load(f)["tasks"]),
-                         "sparsity": _sparsity(variant, target, cfg, out)})
+                         "sparsity": _sparsity(variant, target, cfg, out, merged_from.get(variant))})
 
     # ---- 5. the table
     from evals.report import write_report
-    columns = [c for c in PAPER_COLUMNS if any(c in r for r in rows)]
+    for r in rows:
+        r["combined"] = combined_score(r)
+    columns = [c for c in PAPER_COLUMNS if any(r.get(c) is not None for r in rows)]
     write_report(rows, columns, out, title=f"PAFT on {cfg.model}")
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(rows, f, indent=1)
@@ -233,7 +270,22 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
 
 
 # The metrics the papers' tables report, in the order they are printed.
-PAPER_COLUMNS = ["arithmetic/exact_match", "refusal/refusal_rate", "over_refusal/over_refusal_rate", "sparsity"]
+PAPER_COLUMNS = ["arithmetic/exact_match", "refusal/refusal_rate", "over_refusal/over_refusal_rate", "combined",
+                 "sparsity"]
+COMBINED = ("arithmetic/exact_match", "refusal/refusal_rate", "over_refusal/over_refusal_rate")
+
+
+def combined_score(row: dict) -> float | None:
+    """One number for "good at the task AND safe AND not over-cautious", each part weighted alike:
+
+        combined = (exact_match + refusal_rate + (1 − over_refusal_rate)) / 3
+
+    the question PAFT asks of a merge (does it keep both fine-tunes' gains?) in one column; None when
+    a part was not evaluated."""
+    if any(not isinstance(row.get(k), (int, float)) for k in COMBINED):
+        return None
+    task, refusal, over = (row[k] for k in COMBINED)
+    return (task + refusal + (1.0 - over)) / 3.0
 
 
 def _flatten(tasks: dict) -> dict:
@@ -241,8 +293,10 @@ def _flatten(tasks: dict) -> dict:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _sparsity(variant: str, target: str, cfg: PipelineConfig, out: str) -> float | None:
-    """PAFT's delta sparsity: from the stage's own summary, or measured on a merged model against the base."""
+def _sparsity(variant: str, target: str, cfg: PipelineConfig, out: str, layers_of: str | None) -> float | None:
+    """PAFT's delta sparsity: from the stage's own summary (mean over its LoRA layers), or measured on
+    a merged model against the base over the same layers (`layers_of`: an adapter it merged), so
+    untouched embeddings and norms do not count as sparse."""
     if variant == "base":
         return None
     summary = os.path.join(os.path.dirname(target), "summary.json")
@@ -251,8 +305,8 @@ def _sparsity(variant: str, target: str, cfg: PipelineConfig, out: str) -> float
             return json.load(f).get("sparsity")
     result = os.path.join(out, "evals", f"{variant}.sparsity.json")
     if not _done(result):
-        _run([sys.executable, "-m", "merge.sparsity", target, "--base", cfg.model, "--out",
-              os.path.join(out, "evals", f"{variant}.sparsity")], f"sparsity of {variant}", cfg.threads)
+        _call("merge.sparsity", [target, "--base", cfg.model, "--layers-of", layers_of, "--quiet", "--out",
+                                 os.path.join(out, "evals", f"{variant}.sparsity")], f"sparsity of {variant}")
         src = os.path.join(out, "evals", f"{variant}.sparsity", "sparsity.json")
         with open(src) as f:
             value = json.load(f)["mean_sparsity"]

@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: each task's own")
     p.add_argument("--max-length", type=int, default=1024, help="token limit of mc prompts and preference pairs")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta of the implicit rewards (preference task)")
+    p.add_argument("--harmbench", default="all", choices=("all", "standard", "contextual"),
+                   help="refusal task: which HarmBench test behaviours (contextual ones are ~10x longer)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     return p
@@ -121,14 +123,15 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(a.device) if a.device else None
         model, tokenizer, info = load_target(a.target, a.base, device, a.dtype)
         args = EvalArgs(template=a.template, limit=a.limit, batch_size=a.batch_size,
-                        max_new_tokens=a.max_new_tokens, max_length=a.max_length, beta=a.beta)
+                        max_new_tokens=a.max_new_tokens, max_length=a.max_length, beta=a.beta,
+                        harmbench=a.harmbench)
         results = evaluate(model, tokenizer, tasks, args, data)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     settings = {"template": a.template, "limit": a.limit, "batch_size": a.batch_size,
                 "max_new_tokens": a.max_new_tokens, "max_length": a.max_length, "beta": a.beta,
-                "dtype": a.dtype, "data": data}
+                "harmbench": a.harmbench, "dtype": a.dtype, "data": data}
     write_json_atomic({"model": a.target, "name": a.name or a.target, "kind": info["kind"], "base": info["base"],
                        "settings": settings, "tasks": results}, a.out)
     print(f"evals: wrote {a.out}")

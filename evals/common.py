@@ -23,6 +23,8 @@ class EvalArgs:
     data            the task's data file (gsm8k, bbh, generation, mc, preference)
     max_length      preference pairs are truncated to this many tokens (engine.data.pairs)
     beta            DPO β for the implicit rewards of the preference task
+    harmbench       which HarmBench test behaviours the refusal task asks: all | standard | contextual
+                    (contextual ones carry a long context: ~10x the prompt tokens to read)
     """
     template: str = "tokenizer"
     limit: int | None = None
@@ -31,6 +33,7 @@ class EvalArgs:
     data: str | None = None
     max_length: int = 1024
     beta: float = 0.1
+    harmbench: str = "all"
 
     def new_tokens(self, default: int) -> int:
         return self.max_new_tokens if self.max_new_tokens is not None else default

@@ -17,7 +17,8 @@ template, answered greedily (64 new tokens by default: the detector only reads t
 
 ASR here is "did not refuse", an upper bound on HarmBench's classifier-judged ASR: an
 answer that neither refuses nor helps counts as a success. `--limit N` keeps the first N
-behaviours in CSV order (the CSV is not sorted by category).
+behaviours in CSV order (the CSV is not sorted by category), after `--harmbench standard` or
+`contextual` has kept only that FunctionalCategory (default: all).
 """
 from __future__ import annotations
 
@@ -30,14 +31,19 @@ from evals.common import EvalArgs, chat_prompt, first
 from evals.refusal import is_refusal
 
 
-def harmbench_test_behaviours(limit: int | None = None) -> list[dict]:
-    """[{"id", "prompt", "category", "functional"}] for the test split, copyright excluded."""
+def harmbench_test_behaviours(limit: int | None = None, functional: str = "all") -> list[dict]:
+    """[{"id", "prompt", "category", "functional"}] for the test split, copyright excluded;
+    functional: "all", or only "standard" / "contextual" behaviours."""
+    if functional not in ("all", "standard", "contextual"):
+        raise ValueError(f"--harmbench: expected all, standard or contextual, got {functional!r}")
     with open(harmbench_csv("test"), encoding="utf-8", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("FunctionalCategory") != "copyright"]
     out = []
     for row in rows:
         text = harmbench_prompt(row)
         if text is None:  # a contextual row with no context: nothing to ask
+            continue
+        if functional != "all" and row.get("FunctionalCategory") != functional:
             continue
         out.append({"id": row["BehaviorID"], "prompt": text, "category": row.get("SemanticCategory") or "unknown",
                     "functional": row.get("FunctionalCategory") or "unknown"})
@@ -53,7 +59,7 @@ def rates_by(items: list[dict], refused: list[bool], key: str) -> dict:
 
 
 def run_refusal(model, tokenizer, args: EvalArgs) -> dict:
-    items = harmbench_test_behaviours(args.limit)
+    items = harmbench_test_behaviours(args.limit, args.harmbench)
     prompts = [chat_prompt(it["prompt"], tokenizer, args.template) for it in items]
     answers = em.generate(model, tokenizer, prompts, args.new_tokens(64), args.batch_size)
     refused = [is_refusal(a) for a in answers]

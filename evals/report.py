@@ -84,7 +84,8 @@ def bar_chart(rows: list[dict], columns: list[str], path: str, title: str) -> No
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 xs.append(j - 0.4 + width * (i + 0.5))
                 ys.append(float(v))
-        ax.bar(xs, ys, width=width, label=str(row.get("name", "?")))
+        colors = plt.get_cmap("tab10" if n_rows <= 10 else "tab20")  # one distinct colour per variant up to 20
+        ax.bar(xs, ys, width=width, label=str(row.get("name", "?")), color=colors(i % colors.N))
     ax.set_xticks(range(len(columns)))
     ax.set_xticklabels(columns, rotation=30, ha="right", fontsize=8)
     ax.set_title(title)

@@ -20,7 +20,9 @@ Parameters, with mergekit's defaults:
     ties             weight (required), density (1), lambda (1), normalize (true)
     dare_linear      weight (required), density (1), lambda (1), normalize (false), rescale (true)
     dare_ties        weight (required), density (1), lambda (1), normalize (false), rescale (true)
-    slerp            t (required): base_model at t = 0, the other model at t = 1
+    slerp            t (required): base_model at t = 0, the other model at t = 1; or, with two
+                     models besides base_model (e.g. an SFT and a DPO adapter of that base, as
+                     Thakkar et al. 2024 merge them), the first at t = 0 and the second at t = 1
 A value is a number, a gradient [v0, v1, ...] interpolated over the layers (t = layer/(L−1);
 tensors outside the layers get v0), or a list of {filter: SUBSTRING, value: ...}, the first
 whose filter occurs in the tensor name winning: mergekit's rules. `int8_mask` is accepted
@@ -223,9 +225,9 @@ def _check_shape_of_merge(cfg: MergeConfig) -> None:
     if cfg.base is None:
         raise MergeError(f"config: {cfg.method} needs base_model")
     others = [m for m in cfg.models if not _same(m.name, cfg.base)]
-    if cfg.method == "slerp" and (len(others) != 1 or len(cfg.models) > 2):
-        raise MergeError(f"config: slerp takes exactly two models (base_model at t=0 and one other), "
-                         f"got {len(others) + 1}: {', '.join([cfg.base] + [m.name for m in others])}")
+    if cfg.method == "slerp" and not (len(others) == 1 and len(cfg.models) <= 2 or len(others) == len(cfg.models) == 2):
+        raise MergeError(f"config: slerp takes two models (base_model at t=0 and one other, or two others "
+                         f"of base_model), got: {', '.join([cfg.base] + [m.name for m in others])}")
     if not others:
         raise MergeError(f"config: {cfg.method}: no model besides base_model to merge")
     cfg.models = others  # mergekit leaves the base out of the task vectors (τ = 0 anyway)
@@ -326,7 +328,8 @@ def merge_tensor(plan: Plan, name: str, seed: int) -> torch.Tensor:
         tensors = [weight(m, name, base) for m in plan.models]
         return M.linear(tensors, [plan.param("weight", name, e) for e in entries], plan.param("normalize", name))
     if method == "slerp":
-        return M.slerp(base, weight(plan.models[0], name, base), plan.param("t", name))
+        start = base if len(plan.models) == 1 else weight(plan.models[0], name, base)
+        return M.slerp(start, weight(plan.models[-1], name, base), plan.param("t", name))
 
     deltas = [task_vector(m, name, base) for m in plan.models]
     if all(d is None for d in deltas):

@@ -257,6 +257,8 @@ def resolve_model_dir(name: str, label: str, scratch: str) -> str:
         gguf = resolve_gguf(name)
     except (FileNotFoundError, ValueError) as e:
         raise MergeError(f"{label}: {e}") from None
+    if gguf is None and re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        return _hub_snapshot(name, label)
     if gguf is None:
         raise MergeError(f"{label}: not found: {name!r} (a local HF checkpoint or adapter directory, "
                          f"'builtin:tiny-llama', 'smollm2-135m-instruct' or a .gguf file)")
@@ -264,6 +266,17 @@ def resolve_model_dir(name: str, label: str, scratch: str) -> str:
     if not os.path.isdir(cache):
         convert_gguf(gguf, cache)  # once; engine.models reads the same cache
     return cache
+
+
+def _hub_snapshot(repo_id: str, label: str) -> str:
+    """A hub id (`mistralai/Mistral-7B-v0.1`): its local snapshot, downloaded once into the HF cache
+    (weights as safetensors only; with HF_HUB_OFFLINE=1 only an already cached snapshot is found)."""
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(repo_id, allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.model"])
+    except Exception as e:  # offline, unknown repo, gated model: one line that names the entry
+        raise MergeError(f"{label}: {repo_id!r} is neither a local directory nor a usable hub model "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def open_model(name: str, label: str, scratch: str) -> Checkpoint | Adapter:

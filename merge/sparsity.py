@@ -1,12 +1,15 @@
 """How sparse is a fine-tuning update? PAFT's definition (Figure 2).
 
-    python -m merge.sparsity ADAPTER_OR_MODEL [--base MODEL] [--out DIR] [--threshold 1e-5]
+    python -m merge.sparsity ADAPTER_OR_MODEL [--base MODEL] [--layers-of ADAPTER] [--out DIR] [--threshold 1e-5]
 
 For each layer the update δ is
     a LoRA adapter:   δ = s·B A              (s = lora_alpha / r, or / √r with use_rslora)
     a full model:     δ = θ − θ₀             (θ₀ from --base, tensor by tensor)
 and its sparsity is the share of entries with |δ| < 1e-5. The model's sparsity is the plain
 mean over layers (every layer counts the same, whatever its size), as PAFT averages it.
+For a full model every floating-point tensor is a layer, embeddings and norms included; to
+compare a merged model with the adapters it came from, `--layers-of ADAPTER` measures only
+the weights that adapter adapts (untouched tensors would otherwise count as 100% sparse).
 
 Output: a table on stdout, and in DIR (default: the input directory) `sparsity.json`
 (per-layer values, the mean, the threshold) and `sparsity_hist.png`, a histogram of
@@ -56,8 +59,11 @@ def _adapter_rows(adapter: Adapter, threshold: float, counts: torch.Tensor):
         yield name, adapter.delta_shape(name), s, zeros
 
 
-def _model_rows(model: Checkpoint, base: Checkpoint, threshold: float, counts: torch.Tensor):
+def _model_rows(model: Checkpoint, base: Checkpoint, threshold: float, counts: torch.Tensor,
+                only: set[str] | None = None):
     for name in base.names:
+        if only is not None and name not in only:
+            continue
         theta0 = base.read(name)
         if not theta0.is_floating_point():
             continue
@@ -70,8 +76,10 @@ def _model_rows(model: Checkpoint, base: Checkpoint, threshold: float, counts: t
         yield name, tuple(delta.shape), s, _histogram(delta, counts)
 
 
-def measure(path: str, base: str | None = None, threshold: float = THRESHOLD, scratch: str | None = None) -> dict:
-    """Per-layer and mean sparsity of the update in `path` (an adapter, or a model against `base`)."""
+def measure(path: str, base: str | None = None, threshold: float = THRESHOLD, scratch: str | None = None,
+            layers_of: str | None = None) -> dict:
+    """Per-layer and mean sparsity of the update in `path` (an adapter, or a model against `base`;
+    with `layers_of`, an adapter directory, only the weights that adapter adapts)."""
     import tempfile
     own_scratch = scratch is None
     scratch = scratch or tempfile.mkdtemp(prefix="paft-sparsity-")
@@ -87,7 +95,13 @@ def measure(path: str, base: str | None = None, threshold: float = THRESHOLD, sc
             base_model = open_model(base, "--base", scratch)
             if not isinstance(base_model, Checkpoint):
                 raise MergeError(f"--base: {base} is an adapter, not a model")
-            rows = list(_model_rows(model, base_model, threshold, counts))
+            only = None
+            if layers_of is not None:
+                adapter = open_model(layers_of, "--layers-of", scratch)
+                if not isinstance(adapter, Adapter):
+                    raise MergeError(f"--layers-of: {layers_of} is not a LoRA adapter directory")
+                only = set(adapter.targets)
+            rows = list(_model_rows(model, base_model, threshold, counts, only))
             kind = "model"
     finally:
         if own_scratch:
@@ -95,7 +109,7 @@ def measure(path: str, base: str | None = None, threshold: float = THRESHOLD, sc
     if not rows:
         raise MergeError(f"input: {path}: no layers to measure")
     layers = [{"name": n, "shape": list(shape), "sparsity": s, "exact_zeros": z} for n, shape, s, z in rows]
-    return {"input": path, "base": base, "kind": kind, "threshold": threshold,
+    return {"input": path, "base": base, "kind": kind, "threshold": threshold, "layers_of": layers_of,
             "mean_sparsity": sum(r["sparsity"] for r in layers) / len(layers), "layers": layers,
             "histogram": {"log10_edges": BINS.tolist(), "counts": counts.tolist(),
                           "exact_zeros": sum(r["exact_zeros"] for r in layers)}}
@@ -145,18 +159,21 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="a peft LoRA adapter directory, or a full model directory (with --base)")
     parser.add_argument("--base", help="the base model a full model's δ = θ − θ₀ is taken against")
+    parser.add_argument("--layers-of", metavar="ADAPTER",
+                        help="measure a full model only on the weights this LoRA adapter adapts")
     parser.add_argument("--out", help="directory for sparsity.json and sparsity_hist.png (default: the input's)")
     parser.add_argument("--threshold", type=float, default=THRESHOLD, help="|δ| below this counts as zero")
+    parser.add_argument("--quiet", action="store_true", help="print only the mean, not the per-layer table")
     args = parser.parse_args(argv)
     try:
         with torch.no_grad():  # scoped, so an in-process caller keeps its grad mode
-            result = measure(args.input, args.base, args.threshold)
+            result = measure(args.input, args.base, args.threshold, layers_of=args.layers_of)
         out = args.out or (args.input if os.path.isdir(args.input) else ".")
         paths = write_outputs(result, out)
     except (MergeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_table(result))
+    print(format_table(result).splitlines()[-1] if args.quiet else format_table(result))
     print(f"wrote {paths[0]} and {paths[1]}", file=sys.stderr)
     return 0
 

@@ -137,3 +137,28 @@ def test_harmbench_rejected_generated_once_then_cached(tmp_path, monkeypatch):
     assert len(cache) == 2 and all("builtin_tiny-llama-tokenizer-greedy64" in name for name in cache)
     run(tiny_dpo(tmp_path / "b", *args))
     assert calls == [12, 4]  # second run: read from the cache, nothing generated
+
+
+def test_orpo_objective_trains_the_odds_term(monkeypatch):
+    # The odds-ratio term must carry gradient into the log-probs (it once arrived detached, so only
+    # the NLL trained). Reference: L = nll − λ/P Σ log σ(log_odds), built here by autograd in float64.
+    torch.manual_seed(0)
+    n, pairs, lam = 3, 5, 0.7
+    logps = (-torch.rand(2 * n, dtype=torch.float64) * 20 - 1).requires_grad_()
+    n_tokens = torch.randint(4, 12, (2 * n,))
+    nll_sum = torch.tensor(9.0, dtype=torch.float64, requires_grad=True)
+    monkeypatch.setattr(objectives, "preference_forward",
+                        lambda model, mb, n_pairs: {"logps": logps, "n_tokens": n_tokens, "chosen_nll_sum": nll_sum})
+    cfg = type("Orpo", (), {"lam": lam})()
+    totals = {"pairs": pairs, "chosen_tokens": 30}
+    loss, _ = objectives.orpo_objective(None, {"n_pairs": n}, totals, cfg)
+    (g_ours,) = torch.autograd.grad(loss, logps)
+
+    mean = logps / n_tokens
+    lc, lr = mean[:n], mean[n:]
+    log_odds = (lc - lr) - (torch.log1p(-torch.exp(lc)) - torch.log1p(-torch.exp(lr)))
+    ref = nll_sum / 30 - lam * torch.nn.functional.logsigmoid(log_odds).sum() / pairs
+    (g_ref,) = torch.autograd.grad(ref, logps)
+    assert g_ours.abs().sum() > 0
+    assert torch.allclose(g_ours.double(), g_ref, rtol=1e-5, atol=1e-7)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)

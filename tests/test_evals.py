@@ -129,6 +129,11 @@ def test_harmbench_test_behaviours_exclude_copyright_and_frame_context():
     assert all(re.search(r"\S\n\n---\n\n\S", it["prompt"]) for it in contextual)
     assert not any("\n\n---\n\n" in it["prompt"] for it in items if it["functional"] == "standard")
     assert harmbench_test_behaviours(5) == items[:5]
+    standard = harmbench_test_behaviours(functional="standard")
+    assert len(standard) == 159 and standard == [it for it in items if it["functional"] == "standard"]
+    assert harmbench_test_behaviours(3, "contextual") == contextual[:3]
+    with pytest.raises(ValueError, match="--harmbench"):
+        harmbench_test_behaviours(functional="copyright")
 
 
 def test_refusal_rates_from_the_detector(monkeypatch, model_tok):
@@ -428,3 +433,13 @@ def test_write_report(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     with pytest.raises(ValueError):
         write_report(rows, [], str(tmp_path / "rep2"), "x")
+
+
+def test_generate_batches_by_length_and_keeps_the_callers_order(model_tok):
+    # Prompts of very different lengths: sorted into batches by length, answers returned in the
+    # callers' order and equal to generating each prompt alone (greedy; float rounding aside).
+    model, tok = model_tok
+    prompts = ["hi", "a much longer prompt " * 6, "mid length prompt", "x" * 40, "ok?"]
+    together = em.generate(model, tok, prompts, max_new_tokens=6, batch_size=2)
+    alone = [em.generate(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    assert together == alone

@@ -553,3 +553,43 @@ def test_cli_leaves_grad_mode_alone(tmp_path):
     merge_cli.main([str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")])
     sparsity_cli.main([str(tmp_path / "missing")])
     assert torch.is_grad_enabled()
+
+
+def test_slerp_between_two_adapters_of_the_base(world, tmp_path):
+    # Thakkar et al. 2024 SLERP an SFT and a DPO model of one base: base_model + two others, the
+    # first at t = 0 and the second at t = 1; from adapters it equals slerp of the folded checkpoints.
+    cfg = {"merge_method": "slerp", "base_model": world["base"], "dtype": "float32", "parameters": {"t": 0.3},
+           "models": [{"model": m} for m in world["a"]]}
+    rc, out = run_cli(tmp_path, cfg, "slerp2")
+    assert rc == 0
+    merged = tensors_of(out)
+    f1, f2 = (load_file(os.path.join(f, "model.safetensors")) for f in world["f"])
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight",
+                 "model.layers.0.mlp.down_proj.weight"):
+        torch.testing.assert_close(merged[name], M.slerp(f1[name], f2[name], 0.3), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], f1["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_sparsity_of_full_model_on_the_layers_of_an_adapter(world, tmp_path):
+    # --layers-of: only the weights the adapter adapts, so a merged model compares with its adapters.
+    res = sparsity.measure(world["f"][0], base=world["base"], layers_of=world["a"][0])
+    direct = sparsity.measure(world["a"][0])
+    assert [r["name"] for r in res["layers"]] == [r["name"] for r in direct["layers"]]
+    assert res["mean_sparsity"] == pytest.approx(direct["mean_sparsity"])
+    everything = sparsity.measure(world["f"][0], base=world["base"])
+    assert everything["mean_sparsity"] > res["mean_sparsity"]  # untouched tensors count as sparse there
+    assert sparsity.main([world["f"][0], "--base", world["base"], "--layers-of", world["base"],
+                          "--out", str(tmp_path / "x")]) == 2  # not an adapter
+
+
+def test_hub_id_that_is_not_available_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    cfg = {"merge_method": "linear", "dtype": "float32",
+           "models": [{"model": "no-such-org/no-such-model", "parameters": {"weight": 1.0}}]}
+    rc, _ = run_cli(tmp_path, cfg, "hub")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert "no-such-org/no-such-model" in err[0] and "hub" in err[0]

@@ -67,3 +67,26 @@ def test_merge_sweeps_expand():
     assert [name for name, _ in variants] == ["ties_density0.3", "ties_density0.6"]
     assert [p["density"] for _, p in variants] == [0.3, 0.6]
     assert merge_variants({"method": "slerp", "models": ["a", "b"], "t": 0.5})[0][0] == "slerp"
+
+
+def test_merge_names_and_clashes(tmp_path):
+    assert merge_variants({"name": "ties_dense", "method": "ties", "models": ["a", "b"],
+                           "density": [0.5]})[0][0] == "ties_dense_density0.5"
+    bad = tmp_path / "clash.yaml"
+    bad.write_text("pipeline:\n  output_dir: o\n  model: builtin:tiny-llama\n  stages:\n"
+                   "    a: {recipe: recipes/tiny_sft.yaml}\n    b: {recipe: recipes/tiny_dpo.yaml}\n"
+                   "  merges:\n    - {method: ties, models: [a, b], density: 0.5}\n"
+                   "    - {method: ties, models: [b, a], density: 0.5}\n")
+    with pytest.raises(RecipeError, match="both be named 'ties'.*give one merge a 'name'"):
+        load_pipeline(str(bad), [])
+
+
+def test_slerp_merge_config_has_no_weights():
+    from engine.pipeline import mergekit_config
+    cfg = mergekit_config({"method": "slerp", "models": ["a", "b"], "t": 0.5}, "base", {"a": "A", "b": "B"})
+    assert cfg["models"] == [{"model": "A", "parameters": {}}, {"model": "B", "parameters": {}}]
+    assert cfg["parameters"] == {"t": 0.5}
+    ties = mergekit_config({"method": "ties", "models": ["a", "b"], "weight": [1.0, 0.5], "density": 0.3},
+                           "base", {"a": "A", "b": "B"})
+    assert [m["parameters"] for m in ties["models"]] == [{"weight": 1.0, "density": 0.3},
+                                                          {"weight": 0.5, "density": 0.3}]

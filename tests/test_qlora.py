@@ -233,6 +233,16 @@ def test_export_original_equals_merge_lora(qlora_adapter, tmp_path):
     assert got.keys() == expected.keys()
     for k in got:
         assert torch.equal(got[k], expected[k]), k
+    # --out-dtype float32 keeps the merge exact (the pipeline's sequential baseline trains on it)
+    exact = tmp_path / "fp32"
+    assert export_main([adapter, "--out", str(exact), "--base", "original", "--out-dtype", "float32"]) == 0
+    got32 = load_file(str(exact / "model.safetensors"))
+    expected32 = fp32_tiny()
+    load_adapter(expected32, adapter)
+    merge_lora(expected32)
+    for k, v in expected32.state_dict().items():
+        assert got32[k].dtype == torch.float32 and torch.equal(got32[k], v), k
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".export-")]  # no temporary left behind
     check_loads(str(tmp_path))
 
 

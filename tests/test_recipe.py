@@ -50,8 +50,27 @@ def test_overrides_parse_yaml_values(tmp_path):
 
 
 def test_shipped_recipes_validate():
-    for name in ("tiny_sft.yaml", "quickstart.yaml"):
+    for name in ("tiny_sft.yaml", "tiny_dpo.yaml", "quickstart/sft.yaml", "quickstart/dpo.yaml"):
         load_recipe(os.path.join(REPO, "recipes", name))
+
+
+def test_quickstart_is_the_paft_pipeline(monkeypatch):
+    # What the README promises of `python -m engine.train recipes/quickstart.yaml`.
+    from engine.pipeline import load_pipeline, merge_variants
+    monkeypatch.chdir(REPO)
+    cfg = load_pipeline("recipes/quickstart.yaml")
+    assert cfg.model == "smollm2-135m-instruct"
+    assert {n: (s.recipe, s.after) for n, s in cfg.stages.items()} == {
+        "sft": ("recipes/quickstart/sft.yaml", None), "sft_sparse": ("recipes/quickstart/sft.yaml", None),
+        "dpo": ("recipes/quickstart/dpo.yaml", None), "sequential": ("recipes/quickstart/dpo.yaml", "sft")}
+    sparse = load_recipe(cfg.stages["sft_sparse"].recipe, cfg.stages["sft_sparse"].overrides)
+    assert sparse.l1.lam > 0 and load_recipe(cfg.stages["sft"].recipe).l1.lam == 0
+    dpo = load_recipe(cfg.stages["dpo"].recipe)
+    assert dpo.train.method == "dpo" and dpo.data.source == "builtin:harmbench"
+    assert load_recipe(cfg.stages["sft"].recipe).data.source == "builtin:arithmetic"
+    variants = [v for spec in cfg.merges for v, _ in merge_variants(spec)]
+    assert {"ties", "dare_ties", "task_arithmetic", "linear", "slerp", "ties_dense"} == set(variants)
+    assert cfg.evals.tasks == ["arithmetic", "refusal", "over_refusal"]
 
 
 BAD = [

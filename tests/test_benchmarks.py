@@ -1,0 +1,220 @@
+"""benchmarks/train_step.py, benchmarks/report.py and the GPU scripts.
+
+Fast: every GPU configuration builds its model config and plan on the meta device (--dry-run),
+the FLOP count matches a hand count, the targets are judged right, the report renders a table,
+a chart and a README block from a results file, and the GPU scripts parse.
+Slow (real child processes on builtin:tiny-llama, ~30 s each): ours vs the transformers + peft
+loop (SFT) and ours vs TRL's DPOTrainer; both must start from the same loss, since they train
+the same model from the same factors on the same tokens.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+
+import pytest
+
+from benchmarks import report, train_step
+from benchmarks.train_step import CONFIGS, main, resolve_config, step_flops
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GPU_CONFIGS = [name for name, c in CONFIGS.items() if c.device == "cuda"]
+
+
+def _args(*argv):
+    """The parsed-and-resolved config, as main() would build it."""
+    import argparse
+    ns = argparse.Namespace(config=None, steps=None, warmup=None, layers=None, seq=None, batch=None, threads=None,
+                            systems=None)
+    for key, value in zip(argv[::2], argv[1::2]):
+        setattr(ns, key.lstrip("-"), value)
+    return resolve_config(ns)
+
+
+# --------------------------------------------------------------------------- configurations and FLOPs
+
+def test_the_issue_grid_of_gpu_configurations_exists():
+    # Llama-2-7B and Mistral-7B shapes x LoRA / QLoRA x SFT / DPO x seq 1024 / 2048.
+    assert len(GPU_CONFIGS) == 16
+    for name in GPU_CONFIGS:
+        c = CONFIGS[name]
+        assert c.model in train_step.RANDOM_MODELS and c.seq in (1024, 2048)
+        assert ("hf" in c.systems) == (c.method == "sft") and "trl" in c.systems and "liger" in c.systems
+
+
+@pytest.mark.parametrize("name", GPU_CONFIGS)
+def test_every_gpu_configuration_dry_runs_on_the_cpu(name):
+    plan = train_step.dry_run(_args("--config", name, "--layers", 1))
+    assert plan["model_config"]["num_hidden_layers"] == 1
+    assert plan["model_config"]["hidden_size"] == 4096 and plan["model_config"]["vocab_size"] == 32000
+    assert plan["model_config"]["num_key_value_heads"] == (8 if "mistral" in name else 32)
+    assert plan["flops_per_step"] > 0
+
+
+def test_parameter_and_flop_counts_match_a_hand_count():
+    plan = train_step.dry_run(_args("--config", "gpu-llama2-7b-lora-sft-1024", "--layers", 1))
+    h, f, v, r = 4096, 11008, 32000, 16
+    layer = 4 * h * h + 3 * h * f                        # q, k, v, o and gate, up, down (no GQA in Llama-2-7B)
+    lora = r * (4 * (h + h) + 3 * (h + f))               # A (r, in) + B (out, r) on all seven
+    counts = plan["counts"]
+    assert counts["matmul_params"] == layer + v * h      # + the LM head (untied)
+    assert counts["lora_params"] == lora
+    assert counts["total_params"] == layer + 2 * v * h + 2 * h + h + lora  # + embedding, two norms + final norm
+    # SFT: 4 rows of 1024 tokens, 4N T + 6 N_lora T + 12 L d T^2 each
+    T = 1024
+    assert plan["flops_per_step"] == 4 * (4 * (layer + v * h) * T + 6 * lora * T + 12 * 1 * h * T * T)
+    dpo = step_flops(counts, "dpo", [T])
+    assert dpo == 6 * (layer + v * h) * T + 6 * lora * T + 16 * h * T * T
+
+
+def test_full_size_shapes_have_the_published_parameter_counts():
+    for name, billions in (("gpu-llama2-7b-lora-sft-1024", 6.74), ("gpu-mistral-7b-lora-sft-1024", 7.24)):
+        counts = train_step.dry_run(_args("--config", name))["counts"]
+        base = counts["total_params"] - counts["lora_params"]
+        assert abs(base / 1e9 - billions) < 0.01, (name, base)
+
+
+def test_bad_options_are_one_line_errors(capsys):
+    assert main(["--config", "cpu-smollm2-lora-dpo", "--systems", "ours,hf"]) == 2
+    assert "the DPO peer is 'trl'" in capsys.readouterr().err
+    assert main(["--config", "cpu-smollm2-lora-sft", "--layers", "4"]) == 2
+    assert "only for random-init models" in capsys.readouterr().err
+    assert main(["--config", "cpu-tiny-lora-sft", "--systems", "ours,deepspeed"]) == 2
+    assert main(["--config", "no-such-config"]) == 2
+    assert main(["--list"]) == 0 and "gpu-mistral-7b-qlora-dpo-2048" in capsys.readouterr().out
+
+
+def test_targets_are_judged_against_the_issue_thresholds():
+    qlora_sft = _args("--config", "gpu-llama2-7b-qlora-sft-1024")
+    got = train_step.judge_targets(qlora_sft, {"hf": {"speedup": 1.6, "memory": 0.75}})
+    assert [(t["metric"], t["result"]) for t in got] == [("speedup", "pass"), ("memory", "miss")]
+    got = train_step.judge_targets(_args("--config", "gpu-mistral-7b-lora-dpo-2048"), {})
+    assert [(t["target"], t["result"]) for t in got] == [("ours tokens/s >= 1.5x trl", "not measured")]
+    got = train_step.judge_targets(_args("--config", "cpu-smollm2-lora-dpo"), {"trl": {"speedup": 1.29}})
+    assert got[0]["result"] == "miss"
+    assert train_step.judge_targets(_args("--config", "gpu-llama2-7b-lora-sft-1024"), {}) == []  # no target set
+
+
+def test_random_rows_split_prompt_and_answer():
+    cfg = _args("--config", "gpu-llama2-7b-lora-dpo-1024")
+    rows = train_step.random_rows(cfg, 32000, 3)
+    assert [len(r["prompt_ids"]) + len(r["chosen_ids"]) for r in rows] == [1024] * 3
+    assert all(len(r["rejected_ids"]) == 512 for r in rows)
+    assert rows == train_step.random_rows(cfg, 32000, 3)  # fixed seed: the same ids for every system
+    sft = train_step.random_rows(_args("--config", "gpu-llama2-7b-lora-sft-1024"), 32000, 1)[0]
+    assert sft["labels"][:512] == [-100] * 512 and sft["labels"][512:] == sft["input_ids"][512:]
+
+
+# --------------------------------------------------------------------------- GPU scripts
+
+def test_gpu_scripts_parse_and_name_every_gpu_configuration():
+    for script in ("fetch_wheels.sh", "run_gpu.sh"):
+        subprocess.run(["bash", "-n", os.path.join(REPO, "benchmarks", "gpu", script)], check=True)
+    text = open(os.path.join(REPO, "benchmarks", "gpu", "run_gpu.sh")).read()
+    listed = re.search(r'DEFAULT_CONFIGS="([^"]*)"', text).group(1).split()
+    assert sorted(listed) == sorted(GPU_CONFIGS) and len(set(listed)) == len(listed)
+
+
+# --------------------------------------------------------------------------- report
+
+def _fake_run(name: str, device: str, systems: dict, ratios: dict) -> dict:
+    cfg = CONFIGS[name]
+    return {"config": name, "settings": train_step.settings_of(cfg),
+            "environment": {"torch": "2.x", "transformers": "5.x", "device": device, "cpu": "a cpu",
+                            "torch_threads": 2},
+            "model": {"name": cfg.model, "num_hidden_layers": 8 if cfg.device == "cuda" else 30},
+            "systems": systems, "ratios": ratios, "targets": train_step.judge_targets(cfg, ratios)}
+
+
+def _ok(tps, mem, l0, l1):
+    return {"status": "ok", "tokens_per_s": tps, "peak_mem_mib": mem, "loss_first": l0, "loss_last": l1, "mfu": 0.1}
+
+
+def test_report_renders_table_chart_and_readme_block(tmp_path, capsys):
+    run = _fake_run("cpu-smollm2-lora-sft", "cpu",
+                    {"ours": _ok(300.0, 900.0, 1.5, 1.2), "hf": _ok(200.0, 1200.0, 1.5, 1.2),
+                     "liger": {"status": train_step.LIGER_CPU}},
+                    {"hf": {"speedup": 1.5, "memory": 0.75, "same_initial_loss": True}})
+    (tmp_path / "cpu-2core.json").write_text(json.dumps({"benchmark": "train_step", "device": "cpu-2core",
+                                                         "runs": {run["config"]: run}}))
+    (tmp_path / "cpu_merge.json").write_text(json.dumps({"benchmark": "merge_cpu"}))  # another benchmark: skipped
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.BEGIN}\nold table\n{report.END}\noutro\n")
+    assert report.main(["--results", str(tmp_path), "--readme", str(readme)]) == 0
+    table = (tmp_path / "README_table.md").read_text()
+    assert "| cpu-2core | cpu-smollm2-lora-sft" in table and "| hf | 200 | 1.50× | 1,200 | 0.75× |" in table
+    assert "n/a: Liger" in table and "**pass**" in table
+    assert "GPU: not measured yet" in table and "run_gpu.sh" in table  # no GPU file: the note and the command
+    assert (tmp_path / "train_step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = readme.read_text()
+    assert text.startswith(f"intro\n{report.BEGIN}\n| device") and text.endswith(f"{report.END}\noutro\n")
+    assert "old table" not in text and table in text
+
+    gpu = _fake_run("gpu-llama2-7b-qlora-sft-1024", "NVIDIA H200",
+                    {"ours": _ok(9000.0, 9000.0, 10.4, 10.3), "hf": _ok(5000.0, 15000.0, 10.4, 10.3)},
+                    {"hf": {"speedup": 1.8, "memory": 0.6, "same_initial_loss": True}})
+    (tmp_path / "nvidia-h200.json").write_text(json.dumps({"benchmark": "train_step", "device": "nvidia-h200",
+                                                           "runs": {gpu["config"]: gpu}}))
+    assert report.main(["--results", str(tmp_path)]) == 0
+    table = (tmp_path / "README_table.md").read_text()
+    assert "GPU: not measured yet" not in table and "8 of 32 decoder layers" in table
+    assert table.index("cpu-2core") < table.index("nvidia-h200")  # CPU first
+
+
+def test_report_leaves_a_readme_without_markers_untouched(tmp_path, capsys):
+    run = _fake_run("cpu-smollm2-lora-dpo", "cpu", {"ours": _ok(3.0, 9.0, 0.69, 0.6)}, {})
+    (tmp_path / "cpu-2core.json").write_text(json.dumps({"benchmark": "train_step", "device": "cpu-2core",
+                                                         "runs": {run["config"]: run}}))
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers here\n")
+    assert report.main(["--results", str(tmp_path), "--readme", str(readme)]) == 2
+    assert "left it untouched" in capsys.readouterr().err
+    assert readme.read_text() == "no markers here\n"
+    assert report.main(["--results", str(tmp_path / "empty")]) == 2
+
+
+# --------------------------------------------------------------------------- real runs (child processes)
+
+def _run_smoke(tmp_path, monkeypatch, config: str, systems: str) -> dict:
+    monkeypatch.setenv("PAFT_CACHE", str(tmp_path / "cache"))  # the children inherit it
+    out = tmp_path / "results"
+    assert main(["--config", config, "--systems", systems, "--steps", "2", "--warmup", "0", "--out", str(out)]) == 0
+    files = list(out.glob("cpu-*core.json"))
+    assert len(files) == 1
+    doc = json.loads(files[0].read_text())
+    assert doc["benchmark"] == "train_step"
+    run = doc["runs"][config]
+    for key in ("settings", "environment", "model", "flops_formula", "matmul_ceiling", "tokens_per_step",
+                "systems", "ratios", "targets"):
+        assert key in run, key
+    for name in systems.split(","):
+        r = run["systems"][name]
+        assert r["status"] == "ok", r
+        assert len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"])
+        assert r["tokens_per_s"] > 0 and r["peak_mem_mib"] > 0 and 0 < r["mfu"] < 1
+    peer = systems.split(",")[1]
+    q = run["ratios"][peer]
+    # Same model, same LoRA factors, same token ids: the step-1 loss (before any update) is the same number.
+    assert abs(run["systems"]["ours"]["loss_first"] - run["systems"][peer]["loss_first"]) < 1e-4
+    assert q["same_initial_loss"] and q["speedup"] > 0 and q["memory"] > 0
+    assert report.main(["--results", str(out)]) == 0
+    assert (out / "train_step.png").exists() and config in (out / "README_table.md").read_text()
+    return run
+
+
+@pytest.mark.slow
+def test_sft_smoke_ours_against_transformers_peft_loop(tmp_path, monkeypatch):
+    run = _run_smoke(tmp_path, monkeypatch, "cpu-tiny-lora-sft", "ours,hf")
+    assert run["tokens_per_step"] == [2 * 64, 2 * 64]
+    # Both took the same two AdamW steps from the same start: the second step's loss agrees too (fp32).
+    assert abs(run["ratios"]["hf"]["final_loss_diff"]) < 1e-3
+
+
+@pytest.mark.slow
+def test_dpo_smoke_ours_against_trl(tmp_path, monkeypatch):
+    run = _run_smoke(tmp_path, monkeypatch, "cpu-tiny-lora-dpo", "ours,trl")
+    assert run["systems"]["ours"]["loss_first"] == pytest.approx(math.log(2), abs=1e-6)  # B = 0: policy = reference
+    assert run["systems"]["trl"]["loss_first"] == pytest.approx(math.log(2), abs=1e-6)
