@@ -160,7 +160,8 @@ def _call(module: str, argv: list[str], what: str) -> None:
     """`python -m module *argv`, run in this process through the module's main(argv)."""
     import importlib
     print(f"pipeline: {what}: python -m {module} {' '.join(argv)}", flush=True)
-    main = importlib.import_module(module if module in ("engine.export", "merge.sparsity") else module + ".__main__").main
+    mod = importlib.import_module(module)
+    main = getattr(mod, "main", None) or importlib.import_module(module + ".__main__").main  # a package: its __main__
     try:
         code = main(argv)
     except SystemExit as e:  # argparse errors
@@ -305,7 +306,8 @@ def _sparsity(variant: str, target: str, cfg: PipelineConfig, out: str, layers_o
             return json.load(f).get("sparsity")
     result = os.path.join(out, "evals", f"{variant}.sparsity.json")
     if not _done(result):
-        _call("merge.sparsity", [target, "--base", cfg.model, "--layers-of", layers_of, "--quiet", "--out",
+        only = ["--layers-of", layers_of] if layers_of else []
+        _call("merge.sparsity", [target, "--base", cfg.model, *only, "--quiet", "--out",
                                  os.path.join(out, "evals", f"{variant}.sparsity")], f"sparsity of {variant}")
         src = os.path.join(out, "evals", f"{variant}.sparsity", "sparsity.json")
         with open(src) as f:

@@ -225,7 +225,9 @@ def _check_shape_of_merge(cfg: MergeConfig) -> None:
     if cfg.base is None:
         raise MergeError(f"config: {cfg.method} needs base_model")
     others = [m for m in cfg.models if not _same(m.name, cfg.base)]
-    if cfg.method == "slerp" and not (len(others) == 1 and len(cfg.models) <= 2 or len(others) == len(cfg.models) == 2):
+    base_and_one = len(others) == 1 and len(cfg.models) <= 2  # base_model at t=0, the other at t=1
+    two_of_base = len(others) == len(cfg.models) == 2          # two models of base_model: first at t=0
+    if cfg.method == "slerp" and not (base_and_one or two_of_base):
         raise MergeError(f"config: slerp takes two models (base_model at t=0 and one other, or two others "
                          f"of base_model), got: {', '.join([cfg.base] + [m.name for m in others])}")
     if not others:
