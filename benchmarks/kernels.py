@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import time
 
 import torch
 import torch.nn as nn
+
+from benchmarks.common import device_slug
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 NO_CUDA = "no CUDA device: GPU kernel benchmark not run"
@@ -34,9 +35,6 @@ NO_CUDA = "no CUDA device: GPU kernel benchmark not run"
 
 # ----------------------------------------------------------------------------- shared helpers
 
-def device_slug() -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (the results file's name)."""
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
 
 
 def cuda_time_ms(fn, iters: int, warmup: int, setup=None) -> float:
@@ -270,7 +268,7 @@ def main(argv=None) -> None:
     if args.smoke and not args.out:
         print("--smoke: results not written (pass --out to keep them)")
         return
-    path = args.out or os.path.join(RESULTS_DIR, f"{device_slug()}.json")
+    path = args.out or os.path.join(RESULTS_DIR, f"{device_slug(torch.cuda.get_device_name())}.json")
     for name, res in results.items():
         merge_results(path, name, res)
 

@@ -784,6 +784,25 @@ def _batches(cfg: Config, workdir: str, pad_id: int) -> list[dict]:
             for i in range(cfg.warmup + cfg.steps)]
 
 
+def timed_steps(batches: list[dict], device, step) -> tuple[list[float], list[float]]:
+    """Run step(mb) -> loss (a float) on every batch; (seconds per step, losses). The clock brackets one
+    whole optimizer step, after a device synchronize on both sides (the ours and hf loops share it)."""
+    times, losses = [], []
+    for mb in batches:
+        _sync(device)
+        t0 = time.perf_counter()
+        losses.append(step(mb))
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times, losses
+
+
+def _autocast(device):
+    """bf16 autocast on GPU, as engine/train.py runs it; nothing on CPU (fp32)."""
+    import torch
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
 def child_ours(cfg: Config, workdir: str) -> dict:
     """The engine: its loader, LoRA / QLoRA, objective, optimizer, and train.py's step."""
     from functools import partial
@@ -803,25 +822,22 @@ def child_ours(cfg: Config, workdir: str) -> dict:
     params = lora_parameters(model)
     optimizer = build_optimizer(params, TrainConfig(lr=LR[cfg.method]))
     objective = sft_objective if cfg.method == "sft" else partial(dpo_objective, cfg=DPOConfig(beta=DPO_BETA))
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
-    batches = _batches(cfg, workdir, tok.pad_token_id)
-    model.train()
-    meter = Meter(device)
-    times, losses = [], []
-    for mb in batches:
-        _sync(device)
-        t0 = time.perf_counter()
+
+    def step(mb: dict) -> float:
         # engine/train.py's step, one micro-batch: forward + loss, backward, clip, AdamW, zero_grad
         totals = step_totals([mb])
-        with autocast():
+        with _autocast(device):
             loss, stats = objective(model, to_device(mb, device), totals)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        losses.append(stats["dpo_loss"] if cfg.method == "dpo" else stats["loss"])
+        return stats["dpo_loss"] if cfg.method == "dpo" else stats["loss"]
+
+    batches = _batches(cfg, workdir, tok.pad_token_id)
+    model.train()
+    meter = Meter(device)
+    times, losses = timed_steps(batches, device, step)
     desc = ("engine: engine.qlora NF4 base" if cfg.qlora else "engine: engine.lora") + \
         f", {'sft_objective' if cfg.method == 'sft' else 'dpo_objective (reference = adapters off)'}, torch AdamW"
     return {"status": "ok", "description": desc, "step_s": times, "losses": losses, **meter.result()}
@@ -879,24 +895,21 @@ def child_hf(cfg: Config, workdir: str, liger: bool = False) -> dict:
     set_factors(model, workdir)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR[cfg.method], weight_decay=0.0)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
-    batches = _batches(cfg, workdir, tok.pad_token_id)
-    model.train()
-    meter = Meter(device)
-    times, losses = [], []
-    for mb in batches:
-        _sync(device)
-        t0 = time.perf_counter()
-        with autocast():
+
+    def step(mb: dict) -> float:
+        with _autocast(device):
             loss = model(input_ids=mb["input_ids"].to(device), attention_mask=mb["attention_mask"].to(device),
                          labels=mb["labels"].to(device)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+        return loss.item()
+
+    batches = _batches(cfg, workdir, tok.pad_token_id)
+    model.train()
+    meter = Meter(device)
+    times, losses = timed_steps(batches, device, step)
     desc = "transformers + peft loop" + (" + bitsandbytes 4-bit" if cfg.qlora else "") + \
         (" on a liger_kernel-patched model" if liger else "") + ", torch AdamW"
     return {"status": "ok", "description": desc, "step_s": times, "losses": losses, **meter.result()}
