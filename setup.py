@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="A small, teaching-grade LLM fine-tuning engine: LoRA/QLoRA, SFT, DPO, sparse merging",
     python_requires=">=3.10",
-    packages=find_packages(include=["engine", "engine.*", "merge", "merge.*",
+    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "merge", "merge.*",
                                     "evals", "evals.*", "benchmarks", "benchmarks.*"]),
     install_requires=[
         "torch>=2.4",

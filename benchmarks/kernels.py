@@ -1,9 +1,9 @@
-"""Kernel benchmarks (engine/kernels), one section per kernel family.
+"""Kernel benchmarks (kernels), one section per kernel family.
 
     python -m benchmarks.kernels [--smoke] [--only lora_linear] [--iters 20] [--warmup 5]
 
 Sections
-  lora_linear   the fused LoRA linear (engine/kernels/lora_linear.py) against peft's LoRA layer
+  lora_linear   the fused LoRA linear (kernels/lora_linear.py) against peft's LoRA layer
                 (peft.tuners.lora.Linear wrapping an nn.Linear) and against the frozen base
                 matmul alone, Llama-7B projection shapes (8192 tokens; 4096→4096, 4096→11008,
                 11008→4096), r = 16 and 64, bf16, forward and forward+backward (gradients for
@@ -122,7 +122,7 @@ def _peft_layer(K: int, N: int, r: int, alpha: float, dropout: float, dtype, dev
 
 def _lora_case(K: int, N: int, r: int, M: int, dropout: float, dtype, device, backend: str, timer,
                iters: int, warmup: int) -> dict:
-    from engine.kernels.lora_linear import lora_linear
+    from kernels.lora_linear import lora_linear
 
     alpha = 2.0 * r
     peft_layer = _peft_layer(K, N, r, alpha, dropout, dtype, device)
@@ -243,7 +243,7 @@ SECTIONS = {
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Kernel benchmarks (engine/kernels): " + ", ".join(SECTIONS),
+    ap = argparse.ArgumentParser(description="Kernel benchmarks (kernels): " + ", ".join(SECTIONS),
                                  epilog="Results: benchmarks/results/<device>.json, one key per section "
                                         "(merged; written only with CUDA and not for --smoke unless --out).")
     ap.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run only these sections")

@@ -3,7 +3,7 @@
     python -m benchmarks.kernels_prox [--smoke]
 
 prox: one optimizer step over a 64M-element fp32 tensor (1M with --smoke):
-    fused      engine.kernels.prox_adamw, Triton: reads p, g, m, v, writes p, m, v once
+    fused      kernels.prox_adamw, Triton: reads p, g, m, v, writes p, m, v once
     torch      torch.optim.AdamW(foreach=True).step() then a torch soft threshold
     torch+fused-adamw   torch.optim.AdamW(fused=True).step() then the soft threshold (CUDA)
     reference  prox_adamw_step_torch (the single-tensor op sequence)
@@ -12,7 +12,7 @@ prox: one optimizer step over a 64M-element fp32 tensor (1M with --smoke):
   share of the measured device-to-device copy bandwidth (dst.copy_(src), 8 bytes per element).
 
 l1: value and gradients of λ‖s·B A‖₁ for B (4096×16) A (16×4096) and B (11008×64) A (64×4096):
-    triton     engine.kernels.l1_lowrank (two kernels, B A never stored)
+    triton     kernels.l1_lowrank (two kernels, B A never stored)
     dense      λ·|s·B @ A|.sum() with autograd backward (stores B A and its gradient)
     chunked    the torch reference (B A materialised 16M entries at a time)
 
@@ -29,8 +29,8 @@ import time
 import torch
 
 from benchmarks.common import write_result
-from engine.kernels.l1_lowrank import l1_lowrank_dense, l1_lowrank_torch, l1_lowrank_triton
-from engine.kernels.prox_adamw import prox_adamw_step, prox_adamw_step_torch, soft_threshold_
+from kernels.l1_lowrank import l1_lowrank_dense, l1_lowrank_torch, l1_lowrank_triton
+from kernels.prox_adamw import prox_adamw_step, prox_adamw_step_torch, soft_threshold_
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 LR, BETAS, EPS, WD, L1 = 1e-4, (0.9, 0.999), 1e-8, 0.01, 1e-3

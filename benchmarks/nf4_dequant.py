@@ -1,4 +1,4 @@
-"""NF4 dequantization throughput: engine.kernels.nf4 against bitsandbytes on the same weight.
+"""NF4 dequantization throughput: kernels.nf4 against bitsandbytes on the same weight.
 
     python -m benchmarks.nf4_dequant [--runs 20] [--warmup 3] [--threads N]
 
@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from engine.kernels.nf4 import dequantize_nf4_torch, dequantize_nf4_triton, quantize_nf4, to_bnb
+from kernels.nf4 import dequantize_nf4_torch, dequantize_nf4_triton, quantize_nf4, to_bnb
 
 SHAPES = [(4096, 4096), (4096, 11008)]
 

@@ -46,7 +46,7 @@ import tempfile
 import torch
 import torch.nn as nn
 
-from engine.kernels.nf4 import dequantize_nf4, quantize_nf4
+from kernels.nf4 import dequantize_nf4, quantize_nf4
 from engine.lora import CONFIG_FILE, load_adapter, merge_lora
 from engine.models import load_model_and_tokenizer
 from engine.qlora import BLOCKSIZE

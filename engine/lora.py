@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from engine.kernels.lora_linear import lora_linear
+from kernels.lora_linear import lora_linear
 from engine.recipe import LoRAConfig
 
 CONFIG_FILE = "adapter_config.json"
@@ -71,7 +71,7 @@ class LoRALinear(nn.Module):
         if isinstance(self.base_layer, nn.Linear):
             # y = x Wᵀ + b + s·dropout(x) Aᵀ Bᵀ: one fused Triton kernel on CUDA (the low-rank term is
             # added in the base GEMM's epilogue), the same math in torch ops on CPU.
-            # See engine/kernels/lora_linear.py; `kernels` comes from the recipe (train.kernels).
+            # See kernels/lora_linear.py; `kernels` comes from the recipe (train.kernels).
             p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
             return lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight,
                                self.lora_B.weight, self.scaling, p, self.training, backend=self.kernels)

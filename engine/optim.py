@@ -42,11 +42,11 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, l1: floa
     """The optimizer `train.optimizer` names, over `params`, with the recipe's AdamW settings.
 
     l1 > 0 (recipe `l1.on: factors`): AdamW followed by the soft-threshold
-    p ← sign(p)·max(|p| − lr·l1, 0), fused in one pass (engine/kernels/prox_adamw.py).
+    p ← sign(p)·max(|p| − lr·l1, 0), fused in one pass (kernels/prox_adamw.py).
     """
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if l1 > 0:
-        from engine.kernels.prox_adamw import ProxAdamW
+        from kernels.prox_adamw import ProxAdamW
         return ProxAdamW(params, **kwargs, l1=l1, backend=cfg.kernels)
     if cfg.optimizer == "adamw":
         # foreach=False keeps the update a plain per-tensor loop: the same

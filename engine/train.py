@@ -43,7 +43,7 @@ from engine.log import RunLog, plot_loss
 from engine.lora import apply_lora, lora_parameters, save_adapter, set_kernels
 from engine.losses import dpo_loss
 from engine.models import cache_root, describe, load_model_and_tokenizer
-from engine.kernels.prox_adamw import l1_norm_of, zero_fraction
+from kernels.prox_adamw import l1_norm_of, zero_fraction
 from engine.objectives import (delta_sparsity, dpo_objective, l1_penalty, orpo_objective, sft_objective,
                                step_totals)
 from engine.optim import build_optimizer, lr_at, set_lr

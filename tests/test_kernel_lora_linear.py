@@ -1,4 +1,4 @@
-"""Fused LoRA linear (engine/kernels/lora_linear.py): the Triton kernels against the torch reference.
+"""Fused LoRA linear (kernels/lora_linear.py): the Triton kernels against the torch reference.
 
 No GPU here, so the Triton kernels run under the Triton interpreter (TRITON_INTERPRET=1, numpy
 on CPU tensors). The variable must be set before triton is first imported, and other test
@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.kernels import lora_linear as LL
-from engine.kernels.lora_linear import LoRALinearFunction, dropout_noise, lora_linear, lora_linear_torch
+from kernels import lora_linear as LL
+from kernels.lora_linear import LoRALinearFunction, dropout_noise, lora_linear, lora_linear_torch
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}

@@ -1,4 +1,4 @@
-"""NF4 quantization (engine/kernels/nf4.py) against bitsandbytes, and the Triton kernel against
+"""NF4 quantization (kernels/nf4.py) against bitsandbytes, and the Triton kernel against
 the torch reference.
 
 bitsandbytes facts these tests pin down (0.50.2, CPU):
@@ -29,8 +29,8 @@ import textwrap
 import pytest
 import torch
 
-from engine.kernels import nf4
-from engine.kernels.nf4 import (
+from kernels import nf4
+from kernels.nf4 import (
     DYNAMIC_CODE,
     NF4_CODE,
     NF4Tensor,
@@ -277,7 +277,7 @@ def test_module_imports_without_bitsandbytes():
         import sys
         sys.modules["bitsandbytes"] = None  # any `import bitsandbytes` now fails
         import torch
-        from engine.kernels import nf4
+        from kernels import nf4
         q = nf4.quantize_nf4(torch.randn(100), double_quant=True)
         assert nf4.dequantize_nf4(q).shape == (100,)
         try:
@@ -295,7 +295,7 @@ def test_triton_matches_torch_reference_interpreted():
     pytest.importorskip("triton")
     res = _run_python("""
         import torch
-        from engine.kernels import nf4
+        from kernels import nf4
         from triton.runtime.interpreter import InterpretedFunction
         assert isinstance(nf4._nf4_dequant_kernel, InterpretedFunction)
         torch.manual_seed(0)

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.kernels import check_triton_device, is_interpreted
+from kernels import check_triton_device, is_interpreted
 
 try:  # Triton is optional: without it (CPU-only installs) the torch reference serves
     import triton

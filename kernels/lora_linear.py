@@ -106,7 +106,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.kernels import check_triton_device, is_interpreted
+from kernels import check_triton_device, is_interpreted
 
 try:  # Triton is optional: the torch path is the reference and runs everywhere.
     import triton

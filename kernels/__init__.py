@@ -1,0 +1,56 @@
+"""Hand-written kernels (Triton on CUDA, torch references on CPU), one file per kernel family.
+
+Each module carries its own Triton kernel(s), a torch reference, and a dispatch function
+taking backend="auto" | "triton" | "torch".
+
+The name `kernels` is also Hugging Face's hub-kernels package. transformers only uses that
+one when a *distribution* named `kernels` is installed with a version in its supported range
+(`transformers.utils.import_utils.is_kernels_available`); this package is part of the
+`paft-engine` distribution, so it has no version of its own and transformers leaves it alone.
+
+Compile checks without a GPU: every kernel module defines `compile_specs()`, the list of
+`CompileSpec`s (kernel, argument types, compile-time constants, warps, stages) that its
+dispatcher can choose. `python -m benchmarks.aot` compiles each one for sm_90 on the CPU
+and reports registers, spills and shared memory; tests/test_aot.py asserts on them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class CompileSpec:
+    """One compiled variant of a Triton kernel, as the dispatcher can launch it.
+
+    signature: argument name -> Triton type string ("*bf16", "*fp32", "i32", "i64", "fp32", ...),
+               for the runtime (non-constexpr) arguments, in order.
+    constexprs: argument name -> value, for every tl.constexpr argument.
+    """
+    name: str                       # e.g. "lora_fwd[BM=128,BN=128,BK=64,r=16,bf16]"
+    fn: Any                         # the @triton.jit function (not the autotuner wrapper)
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    num_warps: int = 4
+    num_stages: int = 3
+    tags: dict[str, Any] = field(default_factory=dict)  # free-form: rank, dtype, route ...
+
+
+def is_interpreted(kernel) -> bool:
+    """True when `kernel` was defined under TRITON_INTERPRET=1, so it runs on CPU tensors."""
+    if kernel is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(kernel, InterpretedFunction)
+
+
+def check_triton_device(on_cuda: bool, interpreted: bool, triton_module) -> None:
+    """One clear error for every case in which backend='triton' cannot run these tensors."""
+    if triton_module is None:
+        raise RuntimeError("backend='triton' needs the triton package, which is not installed")
+    if not on_cuda and not interpreted:
+        raise RuntimeError("backend='triton' on CPU tensors runs only under the Triton interpreter: set "
+                           "TRITON_INTERPRET=1 in the environment before triton (and this module) is imported, "
+                           "or use backend='torch'")
+    if on_cuda and interpreted:
+        raise RuntimeError("TRITON_INTERPRET=1 is set: the interpreted kernels take CPU tensors, not CUDA ones")
