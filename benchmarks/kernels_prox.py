@@ -1,131 +1,189 @@
-"""Benchmarks of the PAFT sparsity kernels: fused AdamW + L1 prox, and the L1 of a low-rank product.
+"""ProxAdamW over a real LoRA factor list, and the L1 of a low-rank product, against torch.
 
-    python -m benchmarks.kernels_prox [--smoke]
+    python -m benchmarks.kernels_prox [--dry-run] [--out FILE.json]
 
-prox: one optimizer step over a 64M-element fp32 tensor (1M with --smoke):
-    fused      kernels.prox_adamw, Triton: reads p, g, m, v, writes p, m, v once
-    torch      torch.optim.AdamW(foreach=True).step() then a torch soft threshold
-    torch+fused-adamw   torch.optim.AdamW(fused=True).step() then the soft threshold (CUDA)
-    reference  prox_adamw_step_torch (the single-tensor op sequence)
-  GB/s counts the bytes the update must move, 28 per element (4 tensors read, 3 written,
-  fp32), for every row alike, so it is an effective rate; on CUDA it is also given as a
-  share of the measured device-to-device copy bandwidth (dst.copy_(src), 8 bytes per element).
+optimizer: one step over every factor of an r=16 all-linear adapter (q, k, v, o, gate, up,
+down of every layer: 2 factors each), shapes built from the model's dimensions (no weights
+loaded): Llama-2-7B on CUDA (224 layers, 448 factors, 40.0M numbers), SmolLM2-135M (the
+quickstart) and the tiny test model on CPU. Systems, each on its own copy of the same
+parameters and gradients:
+    ours      kernels.prox_adamw.ProxAdamW: factors and gradients in one flat fp32 buffer,
+              one prox_adamw_step per optimizer step (Triton on CUDA, the torch op sequence on
+              CPU); with l1 = 0 (the AdamW comparison) and with l1 > 0 (the prox step's price)
+    torch     torch.optim.AdamW(foreach=False), (foreach=True) and, on CUDA, (fused=True),
+              over the separate factor tensors
+Bytes: an AdamW step must read p, g, m, v and write p, m, v: 28 bytes per fp32 number. GB/s
+is that over the measured time for every row alike; on CUDA it is also a share of the copy
+bandwidth measured in the same run (dst.copy_(src) of as many fp32 numbers: 8 bytes each).
+Times: CUDA events through triton.testing.do_bench (median); CPU: median wall time of
+interleaved calls. Each row records the code path that ran: for ours the launch counter
+kernels.prox_adamw.LAUNCHES (triton / torch) over the timed calls; on CUDA also the peak
+memory the system allocated beyond the parameters and gradients.
 
-l1: value and gradients of λ‖s·B A‖₁ for B (4096×16) A (16×4096) and B (11008×64) A (64×4096):
-    triton     kernels.l1_lowrank (two kernels, B A never stored)
-    dense      λ·|s·B @ A|.sum() with autograd backward (stores B A and its gradient)
-    chunked    the torch reference (B A materialised 16M entries at a time)
+l1: value and gradients of λ‖s·B A‖₁ at 7B MLP/attention shapes (triton, the dense autograd
+path that stores B A, the chunked torch reference).
 
-Without CUDA the GPU rows are not run: the torch paths run once at smoke size on the CPU
-so the script is exercised. Results: benchmarks/results/<cuda|cpu>_prox.json.
+--dry-run: tiny shapes, two timed calls, on the CPU (the Triton rows under TRITON_INTERPRET=1
+when it is set): rehearses the script and the JSON without a GPU. Numbers from a dry run
+mean nothing. Default output: benchmarks/results/<device>_prox.json.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 import statistics
 import time
 
 import torch
 
-from benchmarks.common import write_result
+from benchmarks.common import cpu_model_name, device_slug, write_result
+from kernels import prox_adamw as pak
 from kernels.l1_lowrank import l1_lowrank_dense, l1_lowrank_torch, l1_lowrank_triton
-from kernels.prox_adamw import prox_adamw_step, prox_adamw_step_torch, soft_threshold_
+from kernels.prox_adamw import ProxAdamW
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 LR, BETAS, EPS, WD, L1 = 1e-4, (0.9, 0.999), 1e-8, 0.01, 1e-3
 
+# (layers, hidden, intermediate, k/v width): the projections' shapes, from the models' configs
+MODELS = {
+    "llama-2-7b": (32, 4096, 11008, 4096),
+    "smollm2-135m": (30, 576, 1536, 192),   # 9 heads of 64, 3 KV heads: k/v project to 192
+    "tiny-llama": (2, 64, 128, 32),         # engine.models builtin:tiny-llama (4 heads of 16, 2 KV heads)
+}
 
-def _time_ms(fn, device: str, warmup: int, iters: int) -> float:
-    """Median milliseconds of fn() over iters calls (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
+
+def factor_shapes(model: str, r: int = 16) -> list[tuple[int, int]]:
+    """Shapes of A (r, in) and B (out, r) of every all-linear LoRA layer, in module order."""
+    layers, h, inter, kv = MODELS[model]
+    proj = [(h, h), (h, kv), (h, kv), (h, h), (h, inter), (h, inter), (inter, h)]  # (in, out): q k v o gate up down
+    return [s for _ in range(layers) for k_in, n_out in proj for s in ((r, k_in), (n_out, r))]
+
+
+def environment(device: str) -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    env["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "0")
     if device == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+        try:
+            import subprocess
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=20).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            env["driver"] = None
     else:
-        for _ in range(iters):
+        env["cpu"] = cpu_model_name()
+        env["threads"] = torch.get_num_threads()
+    return env
+
+
+def time_ms(fns: dict, device: str, warmup: int, iters: int) -> dict:
+    """Median milliseconds per call of each fn: CUDA events (do_bench) on GPU; on CPU the fns take
+    turns call by call, so that noise on a shared machine hits all of them alike."""
+    if device == "cuda":
+        import triton.testing
+        return {k: float(triton.testing.do_bench(fn, warmup=warmup, rep=iters, return_mode="median"))
+                for k, fn in fns.items()}
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(iters):
+        for k, fn in fns.items():
             t0 = time.perf_counter()
             fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_prox(device: str, smoke: bool = False) -> dict:
+def _params(shapes, device, seed):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ps = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(device)) for s in shapes]
+    for p in ps:
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device)
+    return ps
+
+
+def bench_optimizer(model: str, device: str, dry: bool) -> dict:
+    shapes = factor_shapes(model)
+    n = sum(a * b for a, b in shapes)
     cuda = device == "cuda"
-    n = (1 << 20) if (smoke or not cuda) else (64 << 20)
-    warmup, iters = (2, 5) if smoke or not cuda else (3, 20)
-    gen = torch.Generator(device=device).manual_seed(0)
-    p = torch.randn(n, device=device, generator=gen)
-    g = torch.randn(n, device=device, generator=gen)
-    m, v = torch.zeros_like(p), torch.zeros_like(p)
-    nbytes = 28 * n  # read p, g, m, v; write p, m, v (fp32)
-    rows = {}
-
-    def row(name, ms):
-        rows[name] = {"ms": round(ms, 4), "GB/s": round(nbytes / ms / 1e6, 2)}
-
-    # The update is a fixed-size stream whatever the values, so stepping the same buffers
-    # repeatedly (step count frozen at 10) times the real thing.
+    systems = {
+        "ours ProxAdamW flat, l1=0": lambda ps: ProxAdamW(ps, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, l1=0.0),
+        "ours ProxAdamW flat, l1>0": lambda ps: ProxAdamW(ps, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, l1=L1),
+        "torch AdamW(foreach=False)": lambda ps: torch.optim.AdamW(ps, lr=LR, betas=BETAS, eps=EPS,
+                                                                   weight_decay=WD, foreach=False),
+        "torch AdamW(foreach=True)": lambda ps: torch.optim.AdamW(ps, lr=LR, betas=BETAS, eps=EPS,
+                                                                  weight_decay=WD, foreach=True),
+    }
     if cuda:
-        row("fused (triton)", _time_ms(lambda: prox_adamw_step(p, g, m, v, 10, LR, *BETAS, EPS, WD, L1,
-                                                               backend="triton"), device, warmup, iters))
-    row("reference (torch single-tensor)",
-        _time_ms(lambda: prox_adamw_step_torch(p, g, m, v, 10, LR, *BETAS, EPS, WD, L1), device, warmup, iters))
-    variants = [("torch AdamW(foreach) + threshold", dict(foreach=True))]
-    if cuda:
-        variants.append(("torch AdamW(fused) + threshold", dict(fused=True)))
-    for name, kw in variants:
-        param = torch.nn.Parameter(p.clone())
-        param.grad = g
-        opt = torch.optim.AdamW([param], lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, **kw)
-
-        def step(opt=opt, param=param):
+        systems["torch AdamW(fused=True)"] = lambda ps: torch.optim.AdamW(ps, lr=LR, betas=BETAS, eps=EPS,
+                                                                          weight_decay=WD, fused=True)
+    rows, fns = {}, {}
+    for name, make in systems.items():
+        if cuda:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+        ps = _params(shapes, device, seed=0)
+        opt = make(ps)
+        opt.step()  # creates the state; the update is a fixed-size stream whatever the values
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
             opt.step()
-            with torch.no_grad():
-                soft_threshold_(param, LR * L1)
-        row(name, _time_ms(step, device, warmup, iters))
-        del opt, param
-    res = {"elements": n, "bytes_per_step": nbytes, "rows": rows}
+            torch.cuda.synchronize()
+            rows[name] = {"state_and_params_MiB": round((before - base) / 2 ** 20, 1),
+                          "peak_extra_MiB_in_step": round((torch.cuda.max_memory_allocated() - before) / 2 ** 20, 1)}
+        else:
+            rows[name] = {}
+        fns[name] = opt.step
+    counts_before = dict(pak.LAUNCHES)
+    warmup, iters = (1, 2) if dry else ((25, 200) if cuda else (3, 15))
+    ms = time_ms(fns, device, warmup, iters)
+    launched = {k: v - counts_before[k] for k, v in pak.LAUNCHES.items()}
+    res = {"model": model, "r": 16, "factors": len(shapes), "numbers": n, "bytes_per_step": 28 * n, "rows": rows}
+    for name, t in ms.items():
+        rows[name].update({"ms": round(t, 4), "GB/s": round(28 * n / t / 1e6, 2)})
+        rows[name]["backend"] = ("kernels.prox_adamw (flat) via " + "+".join(k for k, v in launched.items() if v)
+                                 if name.startswith("ours") else name)
+    res["ours_launches_in_timing"] = launched
     if cuda:
         src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
-        copy_ms = _time_ms(lambda: dst.copy_(src), device, warmup, iters)
-        copy_gbs = 8 * n / copy_ms / 1e6
-        res["copy_GB/s"] = round(copy_gbs, 1)
+        copy_ms = time_ms({"copy": lambda: dst.copy_(src)}, device, warmup, iters)["copy"]
+        res["copy_GB/s"] = round(8 * n / copy_ms / 1e6, 1)
         for r in rows.values():
-            r["share_of_copy_bw"] = round(r["GB/s"] / copy_gbs, 3)
+            r["share_of_copy_bw"] = round(r["GB/s"] / res["copy_GB/s"], 3)
     return res
 
 
-def bench_l1(device: str, smoke: bool = False) -> dict:
+def bench_l1(device: str, dry: bool) -> dict:
     cuda = device == "cuda"
-    shapes = [(4096, 16, 4096), (11008, 64, 4096)]  # (out N, rank r, in K): B (N, r), A (r, K)
-    if smoke or not cuda:
-        shapes = [(N // 4, r, K // 4) for N, r, K in shapes]
-    warmup, iters = (1, 3) if smoke or not cuda else (3, 10)
+    shapes = [(4096, 16, 4096), (11008, 16, 4096), (11008, 64, 4096)]  # (out N, rank r, in K)
+    if dry or not cuda:
+        shapes = [(97, 16, 80), (130, 64, 64)]
+    warmup, iters = (1, 2) if dry else ((10, 100) if cuda else (1, 3))
     scale, lam = 2.0, 1e-4
+    interp = pak.triton_interpreted()
     out = {}
     for N, r, K in shapes:
-        gen = torch.Generator(device=device).manual_seed(0)
-        A = torch.randn(r, K, device=device, generator=gen) / r ** 0.5
-        B = torch.randn(N, r, device=device, generator=gen) * 1e-3
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        A = (torch.randn(r, K, generator=gen) / r ** 0.5).to(device)
+        B = (torch.randn(N, r, generator=gen) * 1e-3).to(device)
         Ad, Bd = A.clone().requires_grad_(), B.clone().requires_grad_()
 
         def dense():
             Ad.grad = Bd.grad = None
             l1_lowrank_dense(Ad, Bd, scale, lam).backward()
 
-        rpad = max(16, 1 << (r - 1).bit_length())
-        flops = {"triton": 8 * N * K * rpad, "dense": 6 * N * K * r, "chunked": 6 * N * K * r}
-        fns = {"dense": dense, "chunked": lambda: l1_lowrank_torch(A, B, scale, lam)}
-        if cuda:
+        fns = {"dense autograd": dense, "chunked torch": lambda: l1_lowrank_torch(A, B, scale, lam)}
+        if cuda or interp:
             fns = {"triton": lambda: l1_lowrank_triton(A, B, scale, lam), **fns}
         rows = {}
         for name, fn in fns.items():
@@ -133,47 +191,48 @@ def bench_l1(device: str, smoke: bool = False) -> dict:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-            ms = _time_ms(fn, device, warmup, iters)
-            rows[name] = {"ms": round(ms, 4), "TFLOP/s": round(flops[name] / ms / 1e9, 4)}
+            rows[name] = {"ms": round(time_ms({name: fn}, device, warmup, iters)[name], 4)}
             if cuda:
-                rows[name]["peak_extra_MB"] = round((torch.cuda.max_memory_allocated() - base) / 2 ** 20, 1)
-        if cuda:  # agreement, so the timing is of a correct kernel
+                rows[name]["peak_extra_MiB"] = round((torch.cuda.max_memory_allocated() - base) / 2 ** 20, 1)
+        if "triton" in rows:  # agreement, so the timing is of a correct kernel
             v_t, dA_t, dB_t = l1_lowrank_triton(A, B, scale, lam)
             v_r, dA_r, dB_r = l1_lowrank_torch(A, B, scale, lam)
             rows["triton"]["rel_err_value"] = float((v_t - v_r).abs() / v_r.abs())
             rows["triton"]["rel_err_dA"] = float((dA_t - dA_r).abs().max() / dA_r.abs().max())
+            rows["triton"]["rel_err_dB"] = float((dB_t - dB_r).abs().max() / dB_r.abs().max())
         out[f"B{N}x{r}_A{r}x{K}"] = rows
     return out
 
 
-def _print_table(res: dict) -> None:
-    prox = res["prox"]
-    print(f"\nprox step, {prox['elements']:,} fp32 elements ({prox['bytes_per_step'] / 1e9:.2f} GB moved)")
-    for name, r in res["prox"]["rows"].items():
-        share = f"  {100 * r['share_of_copy_bw']:.0f}% of copy bw" if "share_of_copy_bw" in r else ""
-        print(f"  {name:36s} {r['ms']:9.3f} ms  {r['GB/s']:8.1f} GB/s{share}")
-    if "copy_GB/s" in res["prox"]:
-        print(f"  {'device copy':36s} {'':9s}     {res['prox']['copy_GB/s']:8.1f} GB/s")
+def _print(res: dict) -> None:
+    for opt in res["optimizer"]:
+        print(f"\noptimizer step, {opt['model']} r=16 all-linear: {opt['factors']} factors, "
+              f"{opt['numbers']:,} fp32 numbers ({opt['bytes_per_step'] / 1e6:.1f} MB moved)")
+        for name, r in opt["rows"].items():
+            share = f"  {100 * r['share_of_copy_bw']:5.1f}% of copy" if "share_of_copy_bw" in r else ""
+            print(f"  {name:30s} {r['ms']:10.3f} ms {r['GB/s']:9.1f} GB/s{share}   [{r['backend']}]")
+        if "copy_GB/s" in opt:
+            print(f"  {'device copy':30s} {'':10s}    {opt['copy_GB/s']:9.1f} GB/s")
     for shape, rows in res["l1"].items():
         print(f"\nL1 of B A, value + grads, {shape}")
         for name, r in rows.items():
-            mem = f"  +{r['peak_extra_MB']:.0f} MB peak" if "peak_extra_MB" in r else ""
-            print(f"  {name:36s} {r['ms']:9.3f} ms  {r['TFLOP/s']:8.2f} TFLOP/s{mem}")
+            print(f"  {name:30s} {r['ms']:10.3f} ms")
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="small sizes, a few iterations")
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, two calls: rehearse the script")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>_prox.json)")
     args = ap.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        print("No CUDA device: the GPU numbers (Triton kernels, copy bandwidth) were not run; "
-              "smoke CPU run of the torch paths only.")
-    res = {"device": torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads",
-           "torch": torch.__version__, "smoke": bool(args.smoke or device == "cpu"),
-           "prox": bench_prox(device, smoke=args.smoke), "l1": bench_l1(device, smoke=args.smoke)}
-    _print_table(res)
-    write_result(res, os.path.join(RESULTS, f"{device}_prox.json"))
+    device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
+    models = ["tiny-llama"] if args.dry_run else (["llama-2-7b"] if device == "cuda" else ["smollm2-135m", "tiny-llama"])
+    if device == "cpu" and not args.dry_run:
+        print("No CUDA device: CPU run (SmolLM2-135M and tiny factor lists, torch paths); no GPU numbers.")
+    res = {"benchmark": "kernels_prox", "device": device, "dry_run": args.dry_run, "environment": environment(device),
+           "optimizer": [bench_optimizer(m, device, args.dry_run) for m in models], "l1": bench_l1(device, args.dry_run)}
+    _print(res)
+    name = "cpu" if device == "cpu" else device_slug(res["environment"]["gpu"])
+    write_result(res, args.out or os.path.join(RESULTS, f"{name}{'_dry' if args.dry_run else ''}_prox.json"))
 
 
 if __name__ == "__main__":

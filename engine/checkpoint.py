@@ -81,7 +81,9 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
             for name, sub in value.items():
                 put(f"{key}.{name}", sub)
         elif torch.is_tensor(value):
-            tensors[key] = value.detach().cpu().contiguous()
+            # a copy: ProxAdamW's moments are views of one flat buffer and its step counter is one
+            # tensor shared by every parameter, which safetensors would refuse to write twice
+            tensors[key] = value.detach().to("cpu", copy=True).contiguous()
         elif isinstance(value, (bool, int, float)):
             tensors[f"{key}@{type(value).__name__}"] = torch.tensor(value)
         else:

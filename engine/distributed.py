@@ -250,12 +250,29 @@ def sync_grads(params: list[nn.Parameter]) -> None:
     if mode() != "ddp" or not _active():
         return
     grads = [p.grad for p in params if p.grad is not None]
+    flat = _one_buffer(grads)
+    if flat is not None:  # ProxAdamW's flat gradient: reduce it where it lies, no copies
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        return
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     offset = 0
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def _one_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The 1-D tensor covering `tensors` when they are contiguous, back-to-back views of one
+    storage in list order (kernels.prox_adamw.flatten_params_ lays gradients out so), else None."""
+    if not tensors or not all(t.is_contiguous() for t in tensors):
+        return None
+    storage = tensors[0].untyped_storage().data_ptr()
+    for a, b in zip(tensors, tensors[1:]):
+        if (b.untyped_storage().data_ptr() != storage or b.dtype != a.dtype
+                or b.data_ptr() != a.data_ptr() + a.numel() * a.element_size()):
+            return None
+    return tensors[0].as_strided((sum(t.numel() for t in tensors),), (1,))
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:

@@ -294,7 +294,7 @@ def run(recipe: Recipe) -> dict:
 
             # step: AdamW update of A and B, then clear the gradients
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()  # ProxAdamW zeroes its flat gradient buffer in place: the .grad views stay
             step += 1
             if l1.lam > 0 and l1.on == "factors":  # the prox step optimises λ Σ|p| over A and B
                 stats["l1"] = l1.lam * l1_norm_of(params)

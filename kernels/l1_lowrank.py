@@ -130,8 +130,15 @@ def sparsity_of_product(A: torch.Tensor, B: torch.Tensor, scale: float, threshol
 
 
 # --------------------------------------------------------------------------------------
-# Triton kernels
+# Triton kernel
 # --------------------------------------------------------------------------------------
+
+# Tile config per padded rank, the only shapes the dispatcher launches: (BLOCK_N, BLOCK_K,
+# num_warps). BLOCK_N = 128 halves the dA workspace against 64; at R_PAD = 128 the narrower K
+# tile keeps the five register tiles (b, a, t, db, da) without spills. Checked by
+# `python -m benchmarks.aot` / tests/test_aot.py (sm_90: registers, spills, shared memory).
+CONFIGS = {16: (128, 64, 4), 32: (128, 64, 4), 64: (128, 64, 8), 128: (64, 64, 8)}
+TARGET_PROGRAMS = 264  # 2 per SM of an H100/H200 (132 SMs): the split of K is sized to reach it
 
 if triton is not None:
     @triton.jit
@@ -139,67 +146,51 @@ if triton is not None:
         return tl.where(t > 0, 1.0, tl.where(t < 0, -1.0, 0.0))
 
     @triton.jit
-    def _l1_rows_kernel(A_ptr, B_ptr, partial_ptr, dB_ptr, N, K, R,
-                        stride_ar, stride_ak, stride_bn, stride_br,
-                        NEED_GRAD: tl.constexpr, UPCAST: tl.constexpr, R_PAD: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        pid = tl.program_id(0)
-        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    def _l1_lowrank_kernel(A_ptr, B_ptr, partial_ptr, dB_ws_ptr, dA_ws_ptr, N, K, R, n_k_tiles, tiles_per_split,
+                           stride_ar, stride_ak, stride_bn, stride_br,
+                           NEED_GRAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                           R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_n = tl.program_id(0)   # row tile i: rows i·BLOCK_N .. of B
+        pid_s = tl.program_id(1)   # K split s: K tiles s·tiles_per_split .. (s+1)·tiles_per_split − 1
+        n_splits = tl.num_programs(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rr = tl.arange(0, R_PAD)
-        # This program's B rows, loaded once. Padded rank columns (rr >= R) and rows past N
-        # load as 0, so they add 0 to T and their T entries have sign 0: no masking later.
-        b = tl.load(B_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
-                    mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
+        # This program's B rows, loaded once. Padded rank columns (rr >= R) and rows past N load
+        # as 0: they add 0 to T, their T entries have sign 0, so nothing needs masking later.
+        b = tl.load(B_ptr + rn[:, None].to(tl.int64) * stride_bn + rr[None, :] * stride_br,
+                    mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)   # (BLOCK_N, R_PAD)
         if UPCAST:
             b = b.to(tl.float32)
-        abs_acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced once, at the end
-        db = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(A_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
-                        mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
+        total = tl.zeros((BLOCK_N,), dtype=tl.float32)            # Σ|T| per row, reduced at the end
+        db = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)          # this split's share of dB_i
+        t_lo = pid_s * tiles_per_split
+        t_hi = tl.minimum(t_lo + tiles_per_split, n_k_tiles)
+        for kt in range(t_lo, t_hi):
+            rk = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+            a = tl.load(A_ptr + rr[:, None] * stride_ar + rk[None, :].to(tl.int64) * stride_ak,
+                        mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)   # (R_PAD, BLOCK_K)
             if UPCAST:
                 a = a.to(tl.float32)
-            t = tl.dot(b, a, input_precision="ieee")  # (BLOCK_N, BLOCK_K) tile of B A, fp32
-            abs_acc += tl.abs(t)
+            # The one tile product: (BLOCK_N, R_PAD) @ (R_PAD, BLOCK_K) on tensor cores, fp32 accumulate.
+            t = tl.dot(b, a, input_precision=PRECISION)           # (BLOCK_N, BLOCK_K) of B A
+            total += tl.sum(tl.abs(t), axis=1)
             if NEED_GRAD:
-                # ±1/0 are exact in any dtype: cast to A's so the dot runs at A's precision.
+                # ±1/0 are exact in every dtype: cast to the inputs' so both dots run at their precision.
                 s = _sign(t).to(a.dtype)
-                db = tl.dot(s, tl.trans(a), db, input_precision="ieee")
-        tl.store(partial_ptr + pid, tl.sum(tl.sum(abs_acc, axis=1), axis=0))
+                db = tl.dot(s, tl.trans(a), db, input_precision=PRECISION)           # += sign(T) A_kᵀ
+                da = tl.dot(tl.trans(b), s, input_precision=PRECISION)               # B_iᵀ sign(T)
+                # dA_k's share from row tile i: workspace row pid_n (summed over i by the host)
+                ws = dA_ws_ptr + pid_n.to(tl.int64) * R * K
+                tl.store(ws + rr[:, None] * K + rk[None, :], da, mask=(rr[:, None] < R) & (rk[None, :] < K))
+        tl.store(partial_ptr + pid_n * n_splits + pid_s, tl.sum(total, axis=0))
         if NEED_GRAD:
-            tl.store(dB_ptr + rn[:, None] * R + rr[None, :], db,
-                     mask=(rn[:, None] < N) & (rr[None, :] < R))
-
-    @triton.jit
-    def _l1_cols_kernel(A_ptr, B_ptr, dA_ptr, N, K, R,
-                        stride_ar, stride_ak, stride_bn, stride_br,
-                        UPCAST: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
-        pid = tl.program_id(0)
-        rk = pid * BLOCK_K + tl.arange(0, BLOCK_K)
-        rr = tl.arange(0, R_PAD)
-        a = tl.load(A_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
-                    mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-        da = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            rn = n0 + tl.arange(0, BLOCK_N)
-            b = tl.load(B_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
-                        mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
-            if UPCAST:
-                b = b.to(tl.float32)
-            t = tl.dot(b, a, input_precision="ieee")  # the same tile the rows kernel saw
-            s = _sign(t).to(b.dtype)
-            da = tl.dot(tl.trans(b), s, da, input_precision="ieee")
-        tl.store(dA_ptr + rr[:, None] * K + rk[None, :], da,
-                 mask=(rr[:, None] < R) & (rk[None, :] < K))
+            ws = dB_ws_ptr + pid_s.to(tl.int64) * N * R
+            tl.store(ws + rn[:, None] * R + rr[None, :], db, mask=(rn[:, None] < N) & (rr[None, :] < R))
 
 
 def triton_interpreted() -> bool:
     """True when this module's kernels were defined under TRITON_INTERPRET=1 (run on CPU tensors)."""
-    return triton is not None and is_interpreted(_l1_rows_kernel)
+    return triton is not None and is_interpreted(_l1_lowrank_kernel)
 
 
 def _check_triton(*tensors: torch.Tensor) -> None:
@@ -209,13 +200,34 @@ def _check_triton(*tensors: torch.Tensor) -> None:
             raise ValueError(f"l1_lowrank triton path takes fp32/bf16/fp16, got {t.dtype} (use backend='torch')")
 
 
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 tiles: 3xTF32 (tensor cores, error ~ fp32's; one TF32 pass would flip the sign of small
+    entries of B A); bf16/fp16 multiply exactly into fp32 on tensor cores whatever this says."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def r_pad(r: int) -> int:
+    return max(16, 1 << max(0, r - 1).bit_length())  # tl.dot wants every dimension >= 16, a power of 2
+
+
+def launch_grid(N: int, K: int, r: int, block_n: int | None = None, block_k: int | None = None):
+    """(BLOCK_N, BLOCK_K, num_warps, n_k_tiles, tiles_per_split, grid) the dispatcher launches."""
+    bn, bk, warps = CONFIGS[r_pad(r)]
+    bn, bk = block_n or bn, block_k or bk
+    n_tiles, n_k_tiles = -(-N // bn), -(-K // bk)
+    splits = max(1, min(n_k_tiles, -(-TARGET_PROGRAMS // n_tiles)))  # enough programs to fill the GPU
+    per_split = -(-n_k_tiles // splits)
+    splits = -(-n_k_tiles // per_split)  # no empty split
+    return bn, bk, warps, n_k_tiles, per_split, (n_tiles, splits)
+
+
 @torch.no_grad()
 def l1_lowrank_triton(A: torch.Tensor, B: torch.Tensor, scale: float, lam: float, need_grad: bool = True,
-                      block_n: int = 64, block_k: int = 64, poison: bool = False):
-    """(value, dA, dB) as l1_lowrank_torch, from the two Triton kernels.
+                      block_n: int | None = None, block_k: int | None = None, poison: bool = False):
+    """(value, dA, dB) as l1_lowrank_torch, from one Triton kernel on a 2-D grid.
 
-    poison=True fills every output buffer with NaN before the launch (tests: an element a
-    kernel fails to write then shows up as NaN instead of as a plausible stale value).
+    poison=True fills every output and workspace buffer with NaN before the launch (tests: an
+    element the kernel fails to write then shows up as NaN instead of as a plausible stale value).
     """
     _check(A, B, scale, lam)
     _check_triton(A, B)
@@ -223,30 +235,48 @@ def l1_lowrank_triton(A: torch.Tensor, B: torch.Tensor, scale: float, lam: float
         raise ValueError(f"l1_lowrank: A and B must share a dtype, got {A.dtype} and {B.dtype}")
     R, K = A.shape
     N = B.shape[0]
-    R_PAD = max(16, triton.next_power_of_2(R))  # tl.dot wants every dimension >= 16
+    if R > 128:
+        raise ValueError(f"l1_lowrank triton path takes r <= 128, got {R} (use backend='torch')")
+    bn, bk, warps, n_k_tiles, per_split, grid = launch_grid(N, K, R, block_n, block_k)
     # The Triton interpreter's bf16/fp16 tl.dot multiplies the raw 16-bit patterns (wrong
     # results), so interpreted runs upcast tiles to fp32 first. Numerically that is the same
     # computation: a product of two bf16 numbers is exact in fp32, accumulation is fp32 either way.
     upcast = triton_interpreted()
     new = (lambda *s: torch.full(s, float("nan"), dtype=torch.float32, device=A.device)) if poison else \
         (lambda *s: torch.empty(s, dtype=torch.float32, device=A.device))
-    n_rows = triton.cdiv(N, block_n)
-    partials = new(n_rows)
-    dB = new(N, R) if need_grad else partials  # (dummy pointer when unused)
-    _l1_rows_kernel[(n_rows,)](A, B, partials, dB, N, K, R,
-                               A.stride(0), A.stride(1), B.stride(0), B.stride(1),
-                               NEED_GRAD=need_grad, UPCAST=upcast, R_PAD=R_PAD,
-                               BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    partials = new(grid[0] * grid[1])
+    dB_ws = new(grid[1], N, R) if need_grad else partials  # (dummy pointers when unused)
+    dA_ws = new(grid[0], R, K) if need_grad else partials
+    _l1_lowrank_kernel[grid](A, B, partials, dB_ws, dA_ws, N, K, R, n_k_tiles, per_split,
+                             A.stride(0), A.stride(1), B.stride(0), B.stride(1),
+                             NEED_GRAD=need_grad, UPCAST=upcast, PRECISION=_precision(A.dtype), R_PAD=r_pad(R),
+                             BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     c = lam * scale
-    value = partials.sum() * c  # fixed-order sum of per-program partials: deterministic
+    value = partials.sum() * c  # fixed-order sums of per-program partials: deterministic
     if not need_grad:
         return value, None, None
-    dA = new(R, K)
-    _l1_cols_kernel[(triton.cdiv(K, block_k),)](A, B, dA, N, K, R,
-                                                A.stride(0), A.stride(1), B.stride(0), B.stride(1),
-                                                UPCAST=upcast, R_PAD=R_PAD,
-                                                BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
-    return value, (dA * c).to(A.dtype), (dB * c).to(B.dtype)
+    return value, (dA_ws.sum(0) * c).to(A.dtype), (dB_ws.sum(0) * c).to(B.dtype)
+
+
+def compile_specs():
+    """Every config l1_lowrank_triton launches on a GPU: dtype × padded rank × value-only/with grads."""
+    from kernels import CompileSpec
+    specs = []
+    for dtype, tname in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        for rp, (bn, bk, warps) in CONFIGS.items():
+            for need_grad in (True, False):
+                sig = {"A_ptr": "*" + tname, "B_ptr": "*" + tname, "partial_ptr": "*fp32", "dB_ws_ptr": "*fp32",
+                       "dA_ws_ptr": "*fp32", "N": "i32", "K": "i32", "R": "i32", "n_k_tiles": "i32",
+                       "tiles_per_split": "i32", "stride_ar": "i32", "stride_bn": "i32"}
+                specs.append(CompileSpec(
+                    name=f"l1_lowrank[{tname},R_PAD={rp},BN={bn},BK={bk}{',grad' if need_grad else ',value'}]",
+                    fn=_l1_lowrank_kernel, signature=sig,
+                    # contiguous A (r, K) and B (N, r): the JIT makes the unit inner strides constants
+                    constexprs=dict(stride_ak=1, stride_br=1, NEED_GRAD=need_grad, UPCAST=False,
+                                    PRECISION=_precision(dtype), R_PAD=rp, BLOCK_N=bn, BLOCK_K=bk),
+                    num_warps=warps, num_stages=3,
+                    tags=dict(rank=rp, dtype=tname)))
+    return specs
 
 
 # --------------------------------------------------------------------------------------
@@ -258,7 +288,7 @@ def _resolve(backend: str, A: torch.Tensor, B: torch.Tensor) -> str:
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', not {backend!r}")
     if backend != "auto":
         return backend
-    ok = (triton is not None and A.is_cuda and B.is_cuda and not triton_interpreted()
+    ok = (triton is not None and A.is_cuda and B.is_cuda and not triton_interpreted() and A.shape[0] <= 128
           and A.dtype == B.dtype and A.dtype in (torch.float32, torch.bfloat16, torch.float16))
     return "triton" if ok else "torch"
 
@@ -290,4 +320,4 @@ def l1_lowrank(A: torch.Tensor, B: torch.Tensor, scale: float, lam: float, backe
 
 
 __all__ = ["l1_lowrank", "L1LowRank", "l1_lowrank_torch", "l1_lowrank_triton", "l1_lowrank_dense",
-           "sparsity_of_product", "triton_interpreted"]
+           "sparsity_of_product", "triton_interpreted", "compile_specs", "CONFIGS"]

@@ -60,6 +60,7 @@ try:  # Triton is optional: without it (CPU-only installs) the torch reference s
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
+LAUNCHES = {"triton": 0, "torch": 0}  # prox_adamw_step calls per route, since import
 BLOCK = 1024  # elements per program: 4 warps × 32 lanes × 8 elements each (vectorised loads)
 
 
@@ -208,6 +209,11 @@ def _resolve(backend: str, *tensors: torch.Tensor) -> str:
     return "triton" if ok else "torch"
 
 
+def route(backend: str, *tensors: torch.Tensor) -> str:
+    """The route prox_adamw_step takes for these tensors: 'triton' or 'torch'."""
+    return _resolve(backend, *tensors)
+
+
 def prox_adamw_step(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
                     step: int, lr: float, beta1: float, beta2: float, eps: float,
                     weight_decay: float, l1: float, backend: str = "auto") -> None:
@@ -216,20 +222,81 @@ def prox_adamw_step(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.
         raise ValueError(f"prox_adamw: step counts from 1 (the value after the increment), got {step}")
     if l1 < 0:
         raise ValueError(f"prox_adamw: l1 must be >= 0, got {l1}")
-    fn = prox_adamw_step_triton if _resolve(backend, p, g, m, v) == "triton" else prox_adamw_step_torch
+    route = _resolve(backend, p, g, m, v)
+    LAUNCHES[route] += 1  # which code path really ran (benchmarks and the start-up line read it)
+    fn = prox_adamw_step_triton if route == "triton" else prox_adamw_step_torch
     fn(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, l1)
 
 
 # --------------------------------------------------------------------------------------
-# Optimizer
+# Optimizer over one flat buffer
 # --------------------------------------------------------------------------------------
 
-class ProxAdamW(torch.optim.Optimizer):
-    """AdamW followed by the L1 proximal step, `l1` per param group (0 = plain AdamW).
+def flatten_params_(params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move `params` into one flat buffer and their gradients into another, in place.
 
-    The state per parameter is torch.optim.AdamW's: "step" (0-dim fp32 tensor),
-    "exp_avg", "exp_avg_sq", so state_dict() has AdamW's layout and engine.checkpoint
-    saves and restores it unchanged. `backend` picks the update kernel (see prox_adamw_step).
+    Afterwards p.data is the view flat_param[o : o + p.numel()].view_as(p) and p.grad the same
+    view of flat_grad (o = the sum of the numels before p, in list order). Autograd accumulates
+    into an existing .grad in place (`grad += new`), clip_grad_norm_ scales it in place and a
+    DDP all-reduce can run on flat_grad directly, so the views stay views as long as nobody
+    assigns a new tensor to .grad: ProxAdamW.zero_grad zeroes in place, never sets None.
+    Returns (flat_param (n,), flat_grad (n,)); existing gradients are copied over, others are 0.
+    """
+    if not params:
+        raise ValueError("ProxAdamW: no parameters")
+    dtypes, devices = {p.dtype for p in params}, {p.device for p in params}
+    if len(dtypes) != 1 or len(devices) != 1:
+        raise ValueError(f"ProxAdamW: one flat buffer needs one dtype and one device, got {sorted(map(str, dtypes))} "
+                         f"on {sorted(map(str, devices))}")
+    if len({id(p) for p in params}) != len(params):
+        raise ValueError("ProxAdamW: a parameter appears twice")
+    n = sum(p.numel() for p in params)
+    dtype, device = params[0].dtype, params[0].device
+    flat_param = torch.empty(n, dtype=dtype, device=device)
+    flat_grad = torch.zeros(n, dtype=dtype, device=device)
+    offset = 0
+    for p in params:
+        k = p.numel()
+        view = flat_param[offset:offset + k].view(p.shape)
+        view.copy_(p.detach())
+        grad = flat_grad[offset:offset + k].view(p.shape)
+        if p.grad is not None:
+            grad.copy_(p.grad)
+        p.data = view  # the Parameter object stays the same (modules keep theirs); its storage is the flat buffer
+        p.grad = grad
+        offset += k
+    return flat_param, flat_grad
+
+
+def is_view_of(t: torch.Tensor, flat: torch.Tensor) -> bool:
+    """True when t's memory lies inside flat's (t is one of its views)."""
+    if t.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr():
+        return False
+    lo, hi = flat.data_ptr(), flat.data_ptr() + flat.numel() * flat.element_size()
+    return lo <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= hi
+
+
+class ProxAdamW(torch.optim.Optimizer):
+    """AdamW followed by the L1 proximal step (l1 = 0: plain AdamW), over one flat buffer.
+
+    At construction the parameters (one group: the LoRA factors, one dtype, one device) are
+    moved into one contiguous buffer and their gradients into another (flatten_params_), and
+    the moments m, v are two more buffers of the same length, so one step is ONE
+    prox_adamw_step call over all of them: one Triton launch on CUDA, or one pass of the
+    torch op sequence of AdamW(foreach=False) over the flat tensors (then bit-identical to
+    torch's AdamW, which is elementwise: see the module docstring). The per-step scalars
+    (bias corrections, step size, decay) are computed once, in Python.
+
+    Differences from torch.optim.AdamW, all about gradients: every parameter has a gradient
+    at every step (a parameter whose .grad is None steps with g = 0: its moments decay and
+    weight decay applies, where AdamW would skip it; the LoRA factors always get one), and
+    zero_grad(set_to_none=True) zeroes in place instead (None would cut the view). A .grad
+    or .data that something replaced anyway is copied back into the buffers at the next
+    step (_restore_views), so assigning p.grad = g still works, at the price of a copy.
+
+    The state is AdamW's per parameter ("step" 0-dim fp32 tensor, "exp_avg", "exp_avg_sq",
+    here views of the flat moments), so state_dict() has AdamW's layout and engine.checkpoint
+    saves and restores it unchanged; load_state_dict copies into the flat buffers.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -237,8 +304,53 @@ class ProxAdamW(torch.optim.Optimizer):
         if lr < 0 or eps < 0 or weight_decay < 0 or l1 < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"ProxAdamW: invalid hyper-parameters lr={lr} betas={betas} eps={eps} "
                              f"weight_decay={weight_decay} l1={l1}")
+        if backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"backend must be 'auto', 'triton' or 'torch', not {backend!r}")
         self.backend = backend
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, l1=l1))
+        if len(self.param_groups) != 1:
+            raise ValueError("ProxAdamW keeps one flat buffer: pass one parameter group")
+        ps = self.param_groups[0]["params"]
+        if any(p.is_sparse for p in ps):
+            raise ValueError("ProxAdamW does not support sparse parameters")
+        self.flat_param, self.flat_grad = flatten_params_(ps)
+        self._param_views = self._views(self.flat_param)  # what each p.data and p.grad must stay
+        self._grad_views = [p.grad for p in ps]
+        self.exp_avg = self.exp_avg_sq = None  # (n,) each, created by the first step (AdamW is lazy too)
+        self._step_count = torch.tensor(0.0)  # one counter: every parameter steps every time
+
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        out, offset = [], 0
+        for p in self.param_groups[0]["params"]:
+            out.append(flat[offset:offset + p.numel()].view(p.shape))
+            offset += p.numel()
+        return out
+
+    def _init_state(self) -> None:
+        self.exp_avg = torch.zeros_like(self.flat_param)
+        self.exp_avg_sq = torch.zeros_like(self.flat_param)
+        for p, m, v in zip(self.param_groups[0]["params"], self._views(self.exp_avg), self._views(self.exp_avg_sq)):
+            self.state[p] = {"step": self._step_count, "exp_avg": m, "exp_avg_sq": v}
+
+    def _restore_views(self) -> None:
+        """Put back any parameter or gradient that something re-pointed away from the buffers.
+
+        A .grad set to None (zero_grad(set_to_none=True) of a caller that did not go through
+        this class, or `p.grad = None`) counts as a zero gradient; a .grad or .data replaced by a
+        new tensor (`p.grad = g`, `load_state_dict(assign=True)`) is copied into the buffer and
+        the view put back. Identity and pointer checks only: cheap enough for every step.
+        """
+        ps = self.param_groups[0]["params"]
+        for p, pv, gv in zip(ps, self._param_views, self._grad_views):
+            if p.data_ptr() != pv.data_ptr():
+                pv.copy_(p.detach())
+                p.data = pv
+            if p.grad is not gv:
+                if p.grad is None:
+                    gv.zero_()
+                else:
+                    gv.copy_(p.grad)
+                p.grad = gv
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -246,23 +358,43 @@ class ProxAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("ProxAdamW does not support sparse gradients")
-                state = self.state[p]
-                if not state:  # lazily, as AdamW: step on the CPU as a 0-dim tensor, moments like p
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                prox_adamw_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()),
-                                group["lr"], beta1, beta2, group["eps"], group["weight_decay"], group["l1"],
-                                backend=self.backend)
+        self._restore_views()
+        if self.exp_avg is None:
+            self._init_state()
+        group = self.param_groups[0]
+        beta1, beta2 = group["betas"]
+        self._step_count += 1
+        prox_adamw_step(self.flat_param, self.flat_grad, self.exp_avg, self.exp_avg_sq, int(self._step_count.item()),
+                        group["lr"], beta1, beta2, group["eps"], group["weight_decay"], group["l1"],
+                        backend=self.backend)
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the flat gradient in place (set_to_none is ignored: the views must survive)."""
+        self.flat_grad.zero_()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load (hyper-parameters, per-parameter tensors), then the tensors copied into the
+        flat buffers and the state re-pointed to views of them."""
+        super().load_state_dict(state_dict)
+        for key, value in self.defaults.items():  # a torch AdamW state has no "l1": 0 is its meaning
+            self.param_groups[0].setdefault(key, value if key != "l1" else 0.0)
+        ps = self.param_groups[0]["params"]
+        loaded = [self.state.get(p, {}) for p in ps]
+        if not any(loaded):
+            self.state.clear()
+            self.exp_avg = self.exp_avg_sq = None
+            return
+        missing = [i for i, s in enumerate(loaded) if not {"step", "exp_avg", "exp_avg_sq"} <= s.keys()]
+        steps = {float(s["step"]) for s in loaded if "step" in s}
+        if missing or len(steps) != 1:
+            raise ValueError(f"ProxAdamW: the saved state must hold step, exp_avg, exp_avg_sq for every parameter, "
+                             f"with one step count (missing for {missing}, steps {sorted(steps)})")
+        self._step_count = torch.tensor(steps.pop())
+        self._init_state()
+        for p, s_old in zip(ps, loaded):
+            self.state[p]["exp_avg"].copy_(s_old["exp_avg"])
+            self.state[p]["exp_avg_sq"].copy_(s_old["exp_avg_sq"])
 
 
 def l1_norm_of(params) -> float:
@@ -278,4 +410,5 @@ def zero_fraction(params) -> float:
 
 
 __all__ = ["prox_adamw_step", "prox_adamw_step_torch", "prox_adamw_step_triton", "soft_threshold_",
-           "ProxAdamW", "l1_norm_of", "zero_fraction", "triton_interpreted"]
+           "ProxAdamW", "route", "flatten_params_", "is_view_of", "l1_norm_of", "zero_fraction", "triton_interpreted",
+           "LAUNCHES"]
