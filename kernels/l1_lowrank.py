@@ -137,7 +137,9 @@ def sparsity_of_product(A: torch.Tensor, B: torch.Tensor, scale: float, threshol
 # num_warps). BLOCK_N = 128 halves the dA workspace against 64; at R_PAD = 128 the narrower K
 # tile keeps the five register tiles (b, a, t, db, da) without spills. Checked by
 # `python -m benchmarks.aot` / tests/test_aot.py (sm_90: registers, spills, shared memory).
-CONFIGS = {16: (128, 64, 4), 32: (128, 64, 4), 64: (128, 64, 8), 128: (64, 64, 8)}
+CONFIGS = {16: (128, 64, 4), 32: (128, 64, 8), 64: (128, 64, 8), 128: (64, 64, 8)}
+FP32_R128 = (64, 32, 8)  # fp32 at R_PAD = 128: 64×64 spilled 284 bytes (sm_90), 64×32 does not
+NUM_STAGES = 2  # the K loop streams only the small A tiles: double buffering is enough
 TARGET_PROGRAMS = 264  # 2 per SM of an H100/H200 (132 SMs): the split of K is sized to reach it
 
 if triton is not None:
@@ -201,18 +203,28 @@ def _check_triton(*tensors: torch.Tensor) -> None:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """fp32 tiles: 3xTF32 (tensor cores, error ~ fp32's; one TF32 pass would flip the sign of small
-    entries of B A); bf16/fp16 multiply exactly into fp32 on tensor cores whatever this says."""
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+    """Tensor-core dots for every dtype. bf16/fp16 tiles multiply exactly into fp32. fp32 tiles run
+    as TF32 (10-bit mantissa: each product carries a relative error up to ~1e-3): 3xTF32 would be
+    fp32-accurate but needs three dots per product, 255 registers with spills and > 100 KB of
+    shared memory at every rank (measured with benchmarks.aot). TF32 moves |B A| by ~1e-3
+    relative and can flip the sign only of entries within ~1e-3·|B_i|·|A_k| of zero, where |·|
+    is flat and sign is a subgradient choice anyway; the fp32 reference (backend='torch') is exact."""
+    return "tf32"
 
 
 def r_pad(r: int) -> int:
     return max(16, 1 << max(0, r - 1).bit_length())  # tl.dot wants every dimension >= 16, a power of 2
 
 
-def launch_grid(N: int, K: int, r: int, block_n: int | None = None, block_k: int | None = None):
+def tile_config(rp: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) for padded rank rp and the inputs' dtype."""
+    return FP32_R128 if (rp == 128 and dtype == torch.float32) else CONFIGS[rp]
+
+
+def launch_grid(N: int, K: int, r: int, block_n: int | None = None, block_k: int | None = None,
+                dtype: torch.dtype = torch.float32):
     """(BLOCK_N, BLOCK_K, num_warps, n_k_tiles, tiles_per_split, grid) the dispatcher launches."""
-    bn, bk, warps = CONFIGS[r_pad(r)]
+    bn, bk, warps = tile_config(r_pad(r), dtype)
     bn, bk = block_n or bn, block_k or bk
     n_tiles, n_k_tiles = -(-N // bn), -(-K // bk)
     splits = max(1, min(n_k_tiles, -(-TARGET_PROGRAMS // n_tiles)))  # enough programs to fill the GPU
@@ -237,7 +249,7 @@ def l1_lowrank_triton(A: torch.Tensor, B: torch.Tensor, scale: float, lam: float
     N = B.shape[0]
     if R > 128:
         raise ValueError(f"l1_lowrank triton path takes r <= 128, got {R} (use backend='torch')")
-    bn, bk, warps, n_k_tiles, per_split, grid = launch_grid(N, K, R, block_n, block_k)
+    bn, bk, warps, n_k_tiles, per_split, grid = launch_grid(N, K, R, block_n, block_k, A.dtype)
     # The Triton interpreter's bf16/fp16 tl.dot multiplies the raw 16-bit patterns (wrong
     # results), so interpreted runs upcast tiles to fp32 first. Numerically that is the same
     # computation: a product of two bf16 numbers is exact in fp32, accumulation is fp32 either way.
@@ -250,7 +262,7 @@ def l1_lowrank_triton(A: torch.Tensor, B: torch.Tensor, scale: float, lam: float
     _l1_lowrank_kernel[grid](A, B, partials, dB_ws, dA_ws, N, K, R, n_k_tiles, per_split,
                              A.stride(0), A.stride(1), B.stride(0), B.stride(1),
                              NEED_GRAD=need_grad, UPCAST=upcast, PRECISION=_precision(A.dtype), R_PAD=r_pad(R),
-                             BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+                             BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=NUM_STAGES)
     c = lam * scale
     value = partials.sum() * c  # fixed-order sums of per-program partials: deterministic
     if not need_grad:
@@ -263,7 +275,8 @@ def compile_specs():
     from kernels import CompileSpec
     specs = []
     for dtype, tname in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
-        for rp, (bn, bk, warps) in CONFIGS.items():
+        for rp in CONFIGS:
+            bn, bk, warps = tile_config(rp, dtype)
             for need_grad in (True, False):
                 sig = {"A_ptr": "*" + tname, "B_ptr": "*" + tname, "partial_ptr": "*fp32", "dB_ws_ptr": "*fp32",
                        "dA_ws_ptr": "*fp32", "N": "i32", "K": "i32", "R": "i32", "n_k_tiles": "i32",
@@ -274,7 +287,7 @@ def compile_specs():
                     # contiguous A (r, K) and B (N, r): the JIT makes the unit inner strides constants
                     constexprs=dict(stride_ak=1, stride_br=1, NEED_GRAD=need_grad, UPCAST=False,
                                     PRECISION=_precision(dtype), R_PAD=rp, BLOCK_N=bn, BLOCK_K=bk),
-                    num_warps=warps, num_stages=3,
+                    num_warps=warps, num_stages=NUM_STAGES,
                     tags=dict(rank=rp, dtype=tname)))
     return specs
 

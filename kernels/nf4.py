@@ -93,6 +93,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from kernels import is_interpreted
+
 try:  # Triton is optional: the torch path below is the reference and runs everywhere.
     import triton
     import triton.language as tl
@@ -131,6 +133,7 @@ NF4_MIDPOINTS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2  # (15,)
 # Block sizes bitsandbytes accepts for 4-bit quantization (all powers of two, so the Triton
 # kernel can tile a block as tl.arange(0, blocksize // 2) bytes).
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+LAUNCHES = {"triton": 0, "torch": 0}  # dequantizations per route (Triton: kernel launches), since import
 DQ_BLOCKSIZE = 256  # bitsandbytes quantizes the absmax vector in blocks of 256
 
 
@@ -378,22 +381,24 @@ if HAS_TRITON:
         absmax_scale_ptr,  # fp32 (n_blocks2,), read only when DOUBLE_QUANT
         absmax_code_ptr,  # fp32 (256,) dynamic map, read only when DOUBLE_QUANT
         absmax_offset,  # fp32 scalar, used only when DOUBLE_QUANT
-        code_ptr,  # fp32 (16,) NF4 table
         out_ptr,  # (n,) output dtype
         numel,
-        n_blocks,
+        first_block,  # this launch's first quantization block (the tail launch starts past the full ones)
+        n_blocks,  # blocks this launch covers, from first_block on
         BLOCKSIZE: tl.constexpr,
         BLOCKSIZE2: tl.constexpr,
         BLOCKS_PER_PROG: tl.constexpr,
         DOUBLE_QUANT: tl.constexpr,
         OUT_BF16: tl.constexpr,
+        TAIL: tl.constexpr,  # the partial last block: masks per element; otherwise per block only
     ):
         # A program owns BLOCKS_PER_PROG whole quantization blocks: a 2-D tile whose rows are
         # blocks and whose columns are the block's bytes, so the scale is one load per row,
         # broadcast along the row, instead of one gather per element.
         pid = tl.program_id(0).to(tl.int64)  # int64: row * BLOCKSIZE overflows int32 past 2^31 weights
-        rows = pid * BLOCKS_PER_PROG + tl.arange(0, BLOCKS_PER_PROG)  # (R,) block ids
-        row_mask = rows < n_blocks
+        local = pid * BLOCKS_PER_PROG + tl.arange(0, BLOCKS_PER_PROG)  # (R,) block index in this launch
+        rows = first_block + local  # (R,) block ids
+        row_mask = local < n_blocks
 
         if DOUBLE_QUANT:
             # Undo the second quantization here, not in a separate pass: it is 1 byte per 64
@@ -407,18 +412,37 @@ if HAS_TRITON:
 
         HALF: tl.constexpr = BLOCKSIZE // 2  # bytes per block
         byte_offs = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (R, HALF)
-        n_bytes = (numel + 1) // 2
-        b = tl.load(packed_ptr + byte_offs, mask=byte_offs < n_bytes, other=0)  # (R, HALF) uint8
-        hi = (b >> 4).to(tl.int32)  # even elements
-        lo = (b & 0xF).to(tl.int32)  # odd elements
-        # The 16-entry table is 64 bytes: these gathers hit L1 after the first touch.
-        v_hi = tl.load(code_ptr + hi) * absmax[:, None]  # (R, HALF) fp32
-        v_lo = tl.load(code_ptr + lo) * absmax[:, None]  # (R, HALF) fp32
-        # Interleave back to element order (e0 e1 e2 ...) so each row is written as one
-        # contiguous run of BLOCKSIZE outputs instead of two stride-2 stores.
-        # (tl.join + tl.reshape is tl.interleave spelled with builtins only: see _launchable_kernel.)
-        v = tl.reshape(tl.join(v_hi, v_lo), (BLOCKS_PER_PROG, BLOCKSIZE))  # (R, HALF, 2) -> (R, BLOCKSIZE)
         out_offs = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # (R, BLOCKSIZE)
+        if TAIL:  # one partial block: the last byte may hold a padding nibble, the outputs stop at numel
+            b = tl.load(packed_ptr + byte_offs, mask=byte_offs < (numel + 1) // 2, other=0)  # (R, HALF) uint8
+            out_mask = out_offs < numel
+        else:
+            # Whole blocks: the mask is constant along each row of HALF contiguous bytes (and of
+            # BLOCKSIZE outputs), so the compiler keeps the 16-byte vector loads and stores
+            # (ld.global.v4.b32); a byte-level mask would split them into single-byte loads.
+            b = tl.load(packed_ptr + byte_offs, mask=row_mask[:, None], other=0)  # (R, HALF) uint8
+            out_mask = row_mask[:, None]
+        # Codes in element order: byte j holds element 2j in the high nibble, 2j+1 in the low one.
+        # (tl.join + tl.reshape is tl.interleave spelled with builtins only: see _launchable_kernel.)
+        code = tl.reshape(tl.join((b >> 4).to(tl.int32), (b & 0xF).to(tl.int32)), (BLOCKS_PER_PROG, BLOCKSIZE))
+        # The 16-entry NF4 table in registers: a 4-level select tree on the code's bits, with the
+        # values as fp32 immediates (exactly NF4_CODE; no memory access at all). 15 selects per
+        # element; the kernel moves ~2.6 bytes per element, so this integer work hides under memory.
+        b0 = (code & 1) != 0
+        b1 = (code & 2) != 0
+        b2 = (code & 4) != 0
+        # index c = 8·b3 + 4·b2 + 2·b1 + b0; q0..q3 are the four quarters c = 0-3, 4-7, 8-11, 12-15
+        q0 = tl.where(b1, tl.where(b0, -0.39491748809814453, -0.5250730514526367),
+                      tl.where(b0, -0.6961928009986877, -1.0))
+        q1 = tl.where(b1, tl.where(b0, 0.0, -0.09105003625154495),
+                      tl.where(b0, -0.18477343022823334, -0.28444138169288635))
+        q2 = tl.where(b1, tl.where(b0, 0.33791524171829224, 0.24611230194568634),
+                      tl.where(b0, 0.16093020141124725, 0.07958029955625534))
+        q3 = tl.where(b1, tl.where(b0, 1.0, 0.7229568362236023),
+                      tl.where(b0, 0.5626170039176941, 0.44070982933044434))
+        lo = tl.where(b2, q1, q0)
+        hi = tl.where(b2, q3, q2)
+        v = tl.where((code & 8) != 0, hi, lo) * absmax[:, None]  # (R, BLOCKSIZE) fp32
         if OUT_BF16:
             # fp32 -> bf16 round-to-nearest-even spelled out on the bits (add 0x7FFF plus the
             # lowest kept bit, drop 16 bits): what the GPU's cvt.rn does and what torch and
@@ -429,8 +453,15 @@ if HAS_TRITON:
             v_out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
         else:
             v_out = v.to(out_ptr.dtype.element_ty)  # fp32: no-op; fp16: round to nearest even
-        # The mask handles both a partial last block and the padding nibble of an odd numel.
-        tl.store(out_ptr + out_offs, v_out, mask=out_offs < numel)
+        tl.store(out_ptr + out_offs, v_out, mask=out_mask)
+
+    # num_warps is tuned per (weight size, block size, double quant, output dtype) on the GPU
+    # itself (the first call of each key times the three); the configs are the compile specs.
+    WARPS = (2, 4, 8)
+    _nf4_dequant_tuned = triton.autotune(
+        configs=[triton.Config({}, num_warps=w) for w in WARPS],
+        key=["n_blocks", "BLOCKSIZE", "DOUBLE_QUANT", "OUT_BF16"],
+    )(_nf4_dequant_kernel) if not is_interpreted(_nf4_dequant_kernel) else None
 
 
 def _launchable_kernel(on_cpu: bool):
@@ -474,20 +505,57 @@ def dequantize_nf4_triton(q: NF4Tensor, dtype: Optional[torch.dtype] = None, out
     n_blocks = q.n_blocks
     # ~2048 outputs per program: enough bytes in flight per SM without spilling registers.
     bpp = blocks_per_prog or max(1, 2048 // q.blocksize)
-    code = _table("nf4", q.device)
     if q.double_quant:
         absmax, absmax_scale, offset = q.absmax_q, q.absmax_scale, float(q.absmax_offset)
         absmax_code = q.absmax_code if q.absmax_code is not None else _table("dyn", q.device)
     else:  # the unused pointers get any valid tensor; the constexpr branch never reads them
-        absmax, absmax_scale, absmax_code, offset = q.absmax, q.absmax, code, 0.0
-    grid = (triton.cdiv(n_blocks, bpp),)
-    _launchable_kernel(on_cpu)[grid](
-        q.packed, absmax, absmax_scale, absmax_code, offset, code, out, q.numel, n_blocks,
-        BLOCKSIZE=q.blocksize, BLOCKSIZE2=q.blocksize2, BLOCKS_PER_PROG=bpp, DOUBLE_QUANT=q.double_quant,
-        OUT_BF16=dtype == torch.bfloat16,
-        num_warps=4, enable_fp_fusion=False,
-    )
+        absmax, absmax_scale, absmax_code, offset = q.absmax, q.absmax, q.absmax, 0.0
+    consts = dict(BLOCKSIZE=q.blocksize, BLOCKSIZE2=q.blocksize2, BLOCKS_PER_PROG=bpp,
+                  DOUBLE_QUANT=q.double_quant, OUT_BF16=dtype == torch.bfloat16)
+    args = (q.packed, absmax, absmax_scale, absmax_code, offset, out, q.numel)
+    n_full = q.numel // q.blocksize  # whole blocks: the vectorised launch; a partial last one: the tail launch
+    if n_full:
+        if on_cpu or _nf4_dequant_tuned is None:
+            _launchable_kernel(on_cpu)[(triton.cdiv(n_full, bpp),)](
+                *args, 0, n_full, **consts, TAIL=False, num_warps=4, enable_fp_fusion=False)
+        else:
+            _nf4_dequant_tuned[(triton.cdiv(n_full, bpp),)](*args, 0, n_full, **consts, TAIL=False,
+                                                            enable_fp_fusion=False)
+        LAUNCHES["triton"] += 1
+    if n_full < n_blocks:
+        consts["BLOCKS_PER_PROG"] = 1
+        _launchable_kernel(on_cpu)[(1,)](*args, n_full, 1, **consts, TAIL=True, num_warps=4, enable_fp_fusion=False)
+        LAUNCHES["triton"] += 1
     return out
+
+
+def compile_specs():
+    """Every config dequantize_nf4_triton launches on a GPU. QLoRA's block size 64: both absmax
+    formats × the three output dtypes × the autotuned warps, and the tail launch (4 warps); the
+    other block sizes bitsandbytes allows: bf16 output, double quantization, 4 warps."""
+    from kernels import CompileSpec
+    if not HAS_TRITON:
+        return []
+    specs = []
+
+    def spec(bs, dq, tname, warps, tail):
+        sig = {"packed_ptr": "*u8", "absmax_ptr": "*u8" if dq else "*fp32", "absmax_scale_ptr": "*fp32",
+               "absmax_code_ptr": "*fp32", "absmax_offset": "fp32", "out_ptr": "*" + tname, "numel": "i32",
+               "first_block": "i32", "n_blocks": "i32"}
+        bpp = 1 if tail else max(1, 2048 // bs)
+        return CompileSpec(
+            name=f"nf4_dequant[bs={bs},{'dq' if dq else 'fp32-absmax'},{tname},{'tail' if tail else f'R={bpp}'}]",
+            fn=_nf4_dequant_kernel, signature=sig,
+            constexprs=dict(BLOCKSIZE=bs, BLOCKSIZE2=DQ_BLOCKSIZE, BLOCKS_PER_PROG=bpp, DOUBLE_QUANT=dq,
+                            OUT_BF16=tname == "bf16", TAIL=tail),
+            num_warps=warps, num_stages=3, tags=dict(blocksize=bs, dtype=tname, enable_fp_fusion=False))
+
+    for dq in (False, True):
+        for tname in ("bf16", "fp16", "fp32"):
+            specs += [spec(64, dq, tname, w, False) for w in WARPS]
+            specs.append(spec(64, dq, tname, 4, True))
+    specs += [spec(bs, True, "bf16", 4, False) for bs in VALID_BLOCKSIZES if bs != 64]
+    return specs
 
 
 def dequantize_nf4(q: NF4Tensor, dtype: Optional[torch.dtype] = None, backend: str = "auto") -> Tensor:
@@ -499,6 +567,7 @@ def dequantize_nf4(q: NF4Tensor, dtype: Optional[torch.dtype] = None, backend: s
     if backend == "auto":
         backend = "triton" if (q.device.type == "cuda" and HAS_TRITON) else "torch"
     if backend == "torch":
+        LAUNCHES["torch"] += 1
         return dequantize_nf4_torch(q, dtype)
     if backend == "triton":
         return dequantize_nf4_triton(q, dtype)

@@ -60,6 +60,7 @@ try:  # Triton is optional: without it (CPU-only installs) the torch reference s
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
+PAD = 64  # flat buffers are padded to a multiple of this (see flatten_params_)
 LAUNCHES = {"triton": 0, "torch": 0}  # prox_adamw_step calls per route, since import
 BLOCK = 1024  # elements per program: 4 warps × 32 lanes × 8 elements each (vectorised loads)
 
@@ -199,6 +200,25 @@ def prox_adamw_step_triton(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v:
                              LERP_SMALL=abs(w1) < 0.5, BLOCK=BLOCK, num_warps=4)
 
 
+def compile_specs():
+    """Every config prox_adamw_step_triton launches on a GPU: storage dtype × the lerp form."""
+    from kernels import CompileSpec
+    if triton is None:
+        return []
+    specs = []
+    for tname in ("fp32", "bf16", "fp16"):
+        for small in (True, False):
+            sig = {"p_ptr": "*" + tname, "g_ptr": "*" + tname, "m_ptr": "*" + tname, "v_ptr": "*" + tname,
+                   "n_elements": "i32", **{k: "fp32" for k in ("decay", "w1", "beta2", "one_minus_beta2",
+                                                               "neg_step_size", "bc2_sqrt", "eps", "threshold")}}
+            specs.append(CompileSpec(name=f"prox_adamw[{tname},{'lerp<0.5' if small else 'lerp>=0.5'},BLOCK={BLOCK}]",
+                                     fn=_prox_adamw_kernel, signature=sig,
+                                     constexprs=dict(LERP_SMALL=small, BLOCK=BLOCK), num_warps=4, num_stages=3,
+                                     # the flat buffer's length is a multiple of PAD: the JIT marks it so
+                                     tags=dict(dtype=tname, divisible_by_16=("n_elements",))))
+    return specs
+
+
 def _resolve(backend: str, *tensors: torch.Tensor) -> str:
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', not {backend!r}")
@@ -240,7 +260,10 @@ def flatten_params_(params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     into an existing .grad in place (`grad += new`), clip_grad_norm_ scales it in place and a
     DDP all-reduce can run on flat_grad directly, so the views stay views as long as nobody
     assigns a new tensor to .grad: ProxAdamW.zero_grad zeroes in place, never sets None.
-    Returns (flat_param (n,), flat_grad (n,)); existing gradients are copied over, others are 0.
+    Returns (flat_param (n_pad,), flat_grad (n_pad,)), n_pad = n rounded up to a multiple of PAD = 64
+    with a zero tail (an element count divisible by 16 lets the compiled kernel keep 16-byte vector
+    loads: Triton's bound mask is then constant over each vector); existing gradients are copied
+    over, others are 0.
     """
     if not params:
         raise ValueError("ProxAdamW: no parameters")
@@ -251,9 +274,10 @@ def flatten_params_(params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     if len({id(p) for p in params}) != len(params):
         raise ValueError("ProxAdamW: a parameter appears twice")
     n = sum(p.numel() for p in params)
+    n_pad = -(-n // PAD) * PAD  # a multiple of 64: the kernel's bound check is then uniform per 16-vector
     dtype, device = params[0].dtype, params[0].device
-    flat_param = torch.empty(n, dtype=dtype, device=device)
-    flat_grad = torch.zeros(n, dtype=dtype, device=device)
+    flat_param = torch.zeros(n_pad, dtype=dtype, device=device)  # the tail stays 0: p = g = m = v = 0 steps to 0
+    flat_grad = torch.zeros(n_pad, dtype=dtype, device=device)
     offset = 0
     for p in params:
         k = p.numel()

@@ -33,7 +33,9 @@ def test_flatten_makes_views_and_keeps_values():
     ps[1].grad = torch.randn(ps[1].shape, generator=g)
     grad1 = ps[1].grad.clone()
     flat_p, flat_g = flatten_params_(ps)
-    assert flat_p.numel() == sum(v.numel() for v in values) and flat_p.is_contiguous()
+    n = sum(v.numel() for v in values)
+    assert flat_p.numel() == -(-n // pak.PAD) * pak.PAD and flat_p.is_contiguous()
+    assert (flat_p[n:] == 0).all() and (flat_g[n:] == 0).all()  # the padding tail
     offset = 0
     for p, v in zip(ps, values):
         assert torch.equal(p, v) and is_view_of(p.data, flat_p) and is_view_of(p.grad, flat_g)
