@@ -14,33 +14,36 @@ The product is N×K, as large as the frozen weight (11008×4096 = 45M entries, 1
 fp32 for one MLP projection), while A and B are tiny. The kernels recompute it tile by
 tile, (BLOCK_N × r) @ (r × BLOCK_K), use the tile for |·| and sign(·), and drop it.
 
-Two kernels, one per reduction direction, so that no two programs write the same output
-(no atomics, a deterministic result):
+One kernel on a 2-D grid, (row tile i, split s of K): program (i, s) loads its rows B_i
+(BLOCK_N × r) once and walks the K tiles k of its split. For each it forms the tile product
+once, T = B_i A_k (BLOCK_N × BLOCK_K, tensor cores, fp32 accumulation), and takes from that one
+T everything the three outputs need:
 
-    rows kernel, grid ⌈N/BLOCK_N⌉: program i owns rows i·BLOCK_N.. of B and dB. It walks
-        all K tiles: T = B_i A_k, value partial += Σ|T|, dB_i += sign(T) A_kᵀ.
-        It writes dB_i and one fp32 partial; torch sums the partials (fixed order).
-    cols kernel, grid ⌈K/BLOCK_K⌉: program k owns columns k·BLOCK_K.. of A and dA. It
-        walks all N tiles: T = B_i A_k, dA_k += B_iᵀ sign(T).
+    value partial  += Σ|T|
+    dB_i partial   += sign(T) A_kᵀ          (BLOCK_N × r, in registers across the split)
+    dA_k share      = B_iᵀ sign(T)          (r × BLOCK_K, written to workspace row i)
 
-The alternative, one 2-D grid of (i, k) tiles computing each T once, needs atomic adds
-into both dA and dB (contended: ⌈K/BLOCK_K⌉ programs add into each dB row block) and a
-non-deterministic summation order. Paying one extra product instead is cheap at LoRA ranks.
+No two programs write the same memory (no atomics, a deterministic result): the host sums
+the dB partials over the splits (workspace S × N × r), the dA shares over the row tiles
+(workspace ⌈N/BLOCK_N⌉ × r × K) and the value partials, in a fixed order. The dA workspace
+is r/BLOCK_N of one N×K fp32 matrix (r = 16: 1/8; r = 64: 1/2; freed after the call), where
+the dense path holds the whole N×K product and its gradient; the alternative that needs no
+workspace (two kernels, rows then columns) computes every T twice. S is chosen so that the
+grid has ≥ 264 programs (2 per SM on a 132-SM H100/H200); at 4096 × 4096, r = 16 that is
+32 row tiles × 8 splits = 256 programs instead of the 32 of a 1-D grid over row tiles.
 
-FLOPs (r padded to R = max(16, next pow2 r) for tl.dot):
-    rows: 2·N·K·R (T) + 2·N·K·R (dB)      cols: 2·N·K·R (T again) + 2·N·K·R (dA)
-    total 8·N·K·R, against 6·N·K·r for the dense autograd path (product, then two
-    matmuls with the sign matrix). For 11008×4096, r = 64: 23 GFLOP.
-Bytes (HBM, compulsory): read A and B, write dA, dB and ⌈N/BLOCK_N⌉ partials:
-    ≈ (N + K)·r·(bytes_in + 4). Each rows program re-reads all of A and each cols program
-    all of B (⌈N/BLOCK_N⌉·r·K and ⌈K/BLOCK_K⌉·N·r element loads), but A and B are ≤ 3 MB and
-    stay in L2. The dense path writes and re-reads the N×K product and its sign several
-    times (≥ 4·N·K·4 bytes ≈ 720 MB for 11008×4096): the kernels turn a memory-bound
-    problem into a small compute-bound one and need no N×K workspace at all.
-Precision: fp32 tiles use tl.dot(input_precision="ieee") (TF32's 10-bit mantissa would
-perturb |T| by ~1e-3 and flip signs of small entries); bf16/fp16 inputs multiply exactly
-into fp32 accumulators. Value, dA and dB are accumulated in fp32 and cast to the input
-dtype at the end (the value stays fp32).
+FLOPs (r padded to R = max(16, next pow2 r) for tl.dot): 2·N·K·R each for T, dB and dA:
+6·N·K·R in all, the same as the dense autograd path's product and two matmuls with the sign
+matrix (at R = r). For 11008×4096, r = 64: 17 GFLOP.
+Bytes (HBM): read A and B (each program re-reads its split of A, which stays in L2), write
+the workspaces (4·(N·r·S + ⌈N/BLOCK_N⌉·r·K) bytes) and read them back once to sum: for
+11008×4096, r = 16, ~25 MB in all, against ≥ 4·N·K·4 ≈ 720 MB for the dense path's product,
+its sign and its gradient.
+Precision: see _precision. bf16/fp16 tiles multiply exactly into fp32; fp32 tiles run in
+TF32 on the tensor cores. Value, dA and dB accumulate in fp32 and are cast to the input dtype
+at the end (the value stays fp32).
+Registers, spills and shared memory per config (sm_90, compiled on the CPU): python -m
+benchmarks.aot; none spills at r ≤ 64 (tests/test_aot.py).
 """
 from __future__ import annotations
 

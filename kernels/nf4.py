@@ -54,6 +54,13 @@ Implementations
     dequantize_nf4_torch    plain torch reference.
     dequantize_nf4_triton   Triton: one program per tile of BLOCKS_PER_PROG quantization blocks;
                             the double-quantized absmax is dequantized inside the same kernel.
+                            The whole blocks are one launch whose masks are per block, so the
+                            packed bytes load as words/vectors (ld.global.v2.b32 at 4 warps, no
+                            single-byte loads: benchmarks.aot checks the PTX); a partial last
+                            block is a second, one-program launch with per-element masks. The
+                            16 NF4 values are fp32 immediates in a 4-level select tree on the
+                            code's bits (registers, no table in memory). num_warps (2/4/8) is
+                            autotuned on the GPU per weight size, block size, format and dtype.
     dequantize_nf4          dispatch ("auto": Triton for CUDA tensors, torch for CPU).
 
 Bit-exactness notes (checked against bitsandbytes 0.50.2 on CPU in tests/test_nf4.py)
