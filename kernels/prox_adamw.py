@@ -41,6 +41,14 @@ the torch reference here does the same (fp32 copies, one copy_ back), so both ba
 agree to one bf16 rounding. Plain torch AdamW on bf16 tensors rounds every intermediate
 to bf16 and so differs from both by more. The engine's LoRA factors are fp32.
 
+One launch for the whole adapter. A 7B r=16 all-linear adapter has 448 factors of 65k to
+241k numbers each (40.0M in all): stepped one tensor at a time, the update is bound by launch
+and Python overhead, not by memory. ProxAdamW (below) keeps every factor, gradient and moment
+as a view of one flat buffer each (padded to a multiple of 64 with zeros, which step to zero),
+so one step is one call of the update over all 40M numbers: one launch, per-step scalars
+computed once on the host. The kernel needs no per-tensor metadata at all: the hyper-
+parameters are the same for every factor (one parameter group).
+
 Cost per element (fp32): reads p, g, m, v (16 B), writes p, m, v (12 B): 28 B and ~20
 FLOPs, so the step is purely memory-bound: time ≈ 28·n / HBM bandwidth. The unfused
 torch equivalent streams the tensors once per op: foreach AdamW is mul_ (8 B), lerp_ (12),
