@@ -298,7 +298,9 @@ def test_triton_matches_torch_reference_interpreted():
         from kernels import nf4
         from triton.runtime.interpreter import InterpretedFunction
         assert isinstance(nf4._nf4_dequant_kernel, InterpretedFunction)
-        torch.manual_seed(0)
+        import random
+        seed = random.SystemRandom().randrange(2 ** 31)  # fresh inputs each run; printed on failure
+        torch.manual_seed(seed)
         cases = 0
         # numel not a multiple of 64 or 256*64; 16389 and 3*5557 give n_blocks > 256, so more
         # than one absmax_scale block; blocksize 128 and tiles of 1, 4 and 32 blocks.
@@ -309,10 +311,15 @@ def test_triton_matches_torch_reference_interpreted():
                 q = nf4.quantize_nf4(w, blocksize=bs, double_quant=dq)
                 for dtype in (torch.float32, torch.bfloat16, torch.float16):
                     out = torch.full(shape, float("nan"), dtype=dtype)  # poisoned: unwritten -> NaN
+                    before = nf4.LAUNCHES["triton"]
                     got = nf4.dequantize_nf4_triton(q, dtype, out=out, blocks_per_prog=bpp)
                     ref = nf4.dequantize_nf4_torch(q, dtype)
-                    assert got is out and not torch.isnan(got).any(), (shape, dq, dtype)
-                    assert torch.equal(got, ref), (shape, dq, dtype, (got.float() - ref.float()).abs().max())
+                    assert got is out and not torch.isnan(got).any(), (seed, shape, dq, dtype)
+                    assert torch.equal(got, ref), (seed, shape, dq, dtype, (got.float() - ref.float()).abs().max())
+                    # whole blocks in one launch, a partial last block in a second one
+                    n = q.numel
+                    expect = int(n >= bs) + int(n % bs != 0)
+                    assert nf4.LAUNCHES["triton"] - before == expect, (shape, bs, nf4.LAUNCHES["triton"] - before)
                     cases += 1
         # dispatch: backend="triton" on CPU runs the interpreter; "auto" stays on torch for CPU
         q = nf4.quantize_nf4(torch.randn(3, 100), double_quant=True)
