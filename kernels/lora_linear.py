@@ -81,8 +81,8 @@ import torch
 from torch import Tensor
 
 from kernels import CompileSpec, check_triton_device, is_interpreted
-from kernels.lora_torch import (CublasLoRAFunction, draw_seed, dropout_noise, dropout_threshold,  # noqa: F401
-                                keep_scale, lora_linear_torch, philox_noise)
+from kernels.lora_torch import (CublasLoRAFunction, apply_noise, draw_seed, dropout_noise,  # noqa: F401
+                                dropout_threshold, keep_scale, lora_linear_torch, philox_noise)
 
 try:  # Triton is optional: the torch routes run everywhere.
     import triton
@@ -502,7 +502,7 @@ def lora_forward_torch(x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Ten
                        noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The Function's forward math with torch ops, 2-D x (M, K): (y (M, N), xa (M, r))."""
     dt = x.dtype
-    xd = x if noise is None else (x.float() * noise).to(dt)
+    xd = x if noise is None else apply_noise(x, noise)
     xa = torch.nn.functional.linear(xd, A.to(dt))  # (M, r)
     return torch.nn.functional.linear(x, W, b) + torch.nn.functional.linear(xa, B.to(dt)) * s, xa
 
@@ -520,7 +520,7 @@ def lora_backward_torch(dy: Tensor, x: Tensor, W, A: Tensor, B: Tensor, s: float
             dx_lora = dx_lora * noise.to(dt)
         dx = dy @ W + dx_lora
     if need_dA:
-        xd = x if noise is None else (x.float() * noise).to(dt)
+        xd = x if noise is None else apply_noise(x, noise)
         dA = ((dyB.t() @ xd) * s).to(A.dtype)  # (r, K)
     if need_dB:
         dB = ((dy.t() @ xa.to(dt)) * s).to(B.dtype)  # (N, r)

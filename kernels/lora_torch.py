@@ -64,10 +64,16 @@ def lora_linear_torch(x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tens
     x is then (x · noise) rounded to x's dtype, as the Triton kernels compute it.
     """
     if noise is not None:
-        xd = (x.float() * noise.float()).to(x.dtype)
+        xd = apply_noise(x, noise)
     else:
         xd = F.dropout(x, dropout_p, training)
     return F.linear(x, W, b) + F.linear(F.linear(xd, A), B) * s
+
+
+def apply_noise(x: Tensor, noise: Tensor) -> Tensor:
+    """x ⊙ noise computed in fp32 (or x's dtype if wider) and rounded once to x's dtype, as the kernels do."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    return (x.to(wide) * noise.to(wide)).to(x.dtype)
 
 
 def dropout_noise(x: Tensor, p: float, training: bool) -> Tensor | None:
@@ -185,9 +191,10 @@ class CublasLoRAFunction(torch.autograd.Function):
             else:
                 dx.add_((dyB @ A.to(dt)).mul_(noise), alpha=s)
             dx = dx.reshape(ctx.x_shape)
+        zero = torch.zeros((), dtype=dt, device=x2.device)  # addmm with beta = 0: s inside the GEMM, one rounding
         if need_dA:
             xd = x2 if noise is None else x2 * noise       # (M, K), transient
-            dA = (dyB.t() @ xd).mul_(s).to(A.dtype)        # (r, K)
+            dA = torch.addmm(zero, dyB.t(), xd, beta=0, alpha=s).to(A.dtype)  # (r, K)
         if need_dB:
-            dB = (dy2.t() @ xa).mul_(s).to(B.dtype)        # (N, r)
+            dB = torch.addmm(zero, dy2.t(), xa, beta=0, alpha=s).to(B.dtype)  # (N, r)
         return dx, None, None, dA, dB, None, None, None
