@@ -185,11 +185,13 @@ def test_cublas_route_bf16_rounds_once_per_gemm(p):
     want = {"y": F.linear(x, W, b).double() + s * xa.double() @ Bb.double().t(),
             "dx": (dy @ W).double() + s * (dyB.double() @ Ab.double()) * (1 if noise is None else noise.double()),
             "dA": s * dyB.double().t() @ xd.double(), "dB": s * dy.double().t() @ xa.double()}
-    if noise is not None:  # with dropout dyB A and noise ⊙ (dyB A) are rounded before the add
+    bound = {"y": 1.0, "dx": 1.0, "dA": 1.0, "dB": 1.0}
+    if noise is not None:  # with dropout dyB A and noise ⊙ (dyB A) are rounded (torch ops) before the add
         want["dx"] = (dy @ W).double() + s * bf16(bf16(dyB.double() @ Ab.double()) * noise.double())
+        bound["dx"] = 2.0  # the in-place add with alpha=s rounds once more on CPU
     got = {"y": y, "dx": xx.grad, "dA": AA.grad, "dB": BB.grad}
     errs = {k: ulps(got[k], bf16(want[k])) for k in got}
-    assert all(e <= 1.0 for e in errs.values()), errs
+    assert all(errs[k] <= bound[k] for k in errs), errs
     assert AA.grad.dtype == torch.float32 and BB.grad.dtype == torch.float32
 
 
