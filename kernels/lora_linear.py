@@ -134,13 +134,13 @@ DA_CONFIGS = {  # _dA_kernel: (r, BLOCK_K) accumulator, M-loop
     4: [_cfg(4, 3, BLOCK_M=32, BLOCK_K=64), _cfg(8, 3, BLOCK_M=64, BLOCK_K=64)],
 }
 # With dropout the dx epilogue needs a second (BLOCK_M, BLOCK_N) fp32 tile (noise ⊙ the LoRA product,
-# before the add) and the Philox state on top of the accumulator: 64×128 with 4 warps and the persistent
-# variant spill there (ptxas, r = 64: 288 and 160 bytes), so that variant has its own, narrower set.
+# before the add) and the Philox state on top of the accumulator: 128×128 (8 warps), 64×128 (4 warps)
+# and the persistent variant all spill there (ptxas sm_90, r = 64: 16, 288 and 160 bytes), so that
+# variant has its own, narrower tile.
 # (A 128×256 tile, the usual Hopper pick for a plain GEMM, needs 255 registers and spills here: the
 # epilogue's xa and Bᵀ tiles come on top of the accumulator. Not in either set.)
 GEMM_DROPOUT_CONFIGS = {
-    2: [_cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, PERSISTENT=False),
-        _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, PERSISTENT=False)],
+    2: [_cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, PERSISTENT=False)],
     4: [_cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, PERSISTENT=False)],
 }
 

@@ -325,11 +325,13 @@ def test_compile_specs_cover_every_config_the_dispatcher_can_launch():
     specs = LL.compile_specs()
     names = [s.name for s in specs]
     assert len(names) == len(set(names))
-    for kind, sets in (("gemm", LL.GEMM_CONFIGS), ("skinny", LL.SKINNY_CONFIGS), ("dA", LL.DA_CONFIGS)):
+    for kind, sets in (("gemm", LL.GEMM_CONFIGS), ("gemm+dropout", LL.GEMM_DROPOUT_CONFIGS),
+                       ("skinny", LL.SKINNY_CONFIGS), ("dA", LL.DA_CONFIGS)):
         for elem, configs in sets.items():
             for r in LL.SPEC_RANKS:
-                got = {s.tags["config"] for s in specs if s.tags["kernel"] == kind and s.tags["r"] == r
-                       and s.tags["dtype"] == LL._TNAME[elem]}
+                got = {s.tags["config"] for s in specs if s.tags["r"] == r and s.tags["dtype"] == LL._TNAME[elem]
+                       and s.tags["kernel"] == kind.split("+")[0]
+                       and (s.tags["role"] == "dx+dropout") == (kind == "gemm+dropout")}
                 assert got == set(range(len(configs))), (kind, elem, r, got)
     assert {LL._block_r(r) for r in range(1, LL.MAX_RANK + 1)} == {LL._block_r(r) for r in LL.SPEC_RANKS}
     for s in specs:  # every runtime and constexpr argument is named, once
@@ -367,7 +369,7 @@ def test_gpu_kernels_compile_for_hopper_without_spills():
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas-blackwell"
     if not ptxas.exists():
         pytest.skip("no ptxas-blackwell in this triton")
-    wanted = ("lora_gemm[fwd,128x128x64,w8s3,r=64,bf16]", "lora_gemm[dx+dropout,128x128x64,w8s3,r=64,bf16]",
+    wanted = ("lora_gemm[fwd,128x128x64,w8s3,r=64,bf16]", "lora_gemm[dx+dropout,128x64x64,w8s3,r=64,bf16]",
               "lora_xa[xa+dropout,64x128,w4s3,r=64,bf16]", "lora_dA[dropout,64x128,w8s3,r=64,bf16]")
     for spec in [s for s in LL.compile_specs() if s.name in wanted]:
         k = _compile(spec)
