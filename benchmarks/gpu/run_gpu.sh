@@ -111,7 +111,7 @@ for section in $SECTIONS; do
         kernels_prox) run_section kernels_prox python3 -m benchmarks.kernels_prox --out "$OUT/kernels_prox.json" "${DRYFLAG[@]}" ;;
         nf4) run_section nf4 python3 -m benchmarks.nf4_dequant --out "$OUT/nf4.json" "${DRYFLAG[@]}" ;;
         train_lora_sft) train train_lora_sft gpu-llama2-7b-lora-sft-1024 cpu-tiny-lora-sft ours,hf ;;
-        train_qlora_sft) train train_qlora_sft gpu-llama2-7b-qlora-sft-1024 cpu-tiny-qlora-sft ours ;;  # hf: bnb 4-bit needs the GPU ;;
+        train_qlora_sft) train train_qlora_sft gpu-llama2-7b-qlora-sft-1024 cpu-tiny-qlora-sft ours ;;  # hf: bnb 4-bit needs the GPU
         train_lora_dpo) train train_lora_dpo gpu-llama2-7b-lora-dpo-1024 cpu-tiny-lora-dpo ours,trl ;;
         *) echo "error: unknown section $section (known: $ALL)"; exit 2 ;;
     esac
