@@ -1,20 +1,21 @@
-"""Kernel benchmarks (kernels), one section per kernel family.
+"""Kernel benchmarks, one section per kernel family.
 
-    python -m benchmarks.kernels [--smoke] [--only lora_linear] [--iters 20] [--warmup 5]
+    python -m benchmarks.kernels --only lora_linear [--out x.json] [--write-routes]   # on a GPU
+    python -m benchmarks.kernels --only lora_linear --dry-run                         # CPU rehearsal
 
 Sections
-  lora_linear   the fused LoRA linear (kernels/lora_linear.py) against peft's LoRA layer
-                (peft.tuners.lora.Linear wrapping an nn.Linear) and against the frozen base
-                matmul alone, Llama-7B projection shapes (8192 tokens; 4096→4096, 4096→11008,
-                11008→4096), r = 16 and 64, bf16, forward and forward+backward (gradients for
-                x, A, B; W frozen). Median of CUDA-event timings.
-                Targets: fused fwd+bwd ≤ 1.15× the base matmul's; peft ≥ 1.3× slower than fused.
+  lora_linear   y = x Wᵀ + s·x Aᵀ Bᵀ fwd+bwd (gradients for x, A, B; W frozen), bf16, at Llama-2-7B and
+                Llama-3-8B projection shapes, r ∈ {16, 64}, seq 512 / 2048 / 8192 (4k, 8k, 32k tokens
+                per micro-batch). Each point: the base GEMM alone (the floor), peft's LoRA layer, the
+                `cublas` route and the `triton` route, timed by CUDA events (triton.testing.do_bench),
+                each with its launch counters (which code really ran), peak memory and, for triton, the
+                autotuner's picks. Targets (judged on a GPU only): best route ≤ 1.15× base, peft ≥ 1.3×
+                the best route. --write-routes turns a GPU run into kernels/routes/lora_linear_<gpu>.json,
+                the table train.kernels=auto follows.
+  prox_l1       benchmarks/kernels_prox.py;  nf4_dequant  benchmarks/nf4_dequant.py (their own files).
 
-With CUDA, results are merged into benchmarks/results/<device>.json under the section's key
-(other sections' keys are kept). Without CUDA each section prints "no CUDA device: GPU kernel
-benchmark not run" and runs a tiny CPU smoke version (torch reference vs peft, small shapes) so
-that the script itself is exercised; nothing is written then, so no GPU numbers are invented.
---smoke runs small shapes on the GPU too and writes nothing unless --out is given.
+Without CUDA no number is produced: --dry-run runs every lora point's code on tiny fp32 shapes on the
+CPU (the triton route too when TRITON_INTERPRET=1) so the script is rehearsed, and says so in its JSON.
 """
 from __future__ import annotations
 
@@ -22,12 +23,13 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn as nn
 
-from benchmarks.common import device_slug
+from benchmarks.common import device_slug, write_json
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 NO_CUDA = "no CUDA device: GPU kernel benchmark not run"
@@ -96,22 +98,36 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------- section: lora_linear
+# Points: (model, projection family, K = in, N = out) at r ∈ LORA_RANKS and (seq, rows) ∈ LORA_SEQS,
+# fwd+bwd (gradients for x, A, B; W frozen), bf16. Systems at each point:
+#   base     F.linear(x, W) and its dx = dy W alone: the physical floor (no LoRA at all)
+#   peft     peft.tuners.lora.Linear around the same frozen nn.Linear (dropout 0: peft skips it)
+#   cublas   kernels.lora_linear route "cublas" (torch GEMM + in-place addmm_)
+#   triton   kernels.lora_linear route "triton" (the fused, autotuned kernels)
+# Every system's launch counters (kernels.lora_linear.ROUTE_CALLS / LAUNCHES) are recorded with its
+# time, so a silent fallback would show; so are the peak memory and the autotuner's picks.
 
-LORA_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in K, out N): q/k/v/o, gate/up, down
+LORA_SHAPES = [("llama2-7b", "q/k/v/o_proj", 4096, 4096), ("llama2-7b", "gate/up_proj", 4096, 11008),
+               ("llama2-7b", "down_proj", 11008, 4096), ("llama3-8b", "k/v_proj", 4096, 1024),
+               ("llama3-8b", "gate/up_proj", 4096, 14336), ("llama3-8b", "down_proj", 14336, 4096)]
+# (llama3-8b's q/o_proj is 4096 -> 4096, the same GEMM as llama2-7b's: measured once)
 LORA_RANKS = [16, 64]
-LORA_TOKENS = 8192
-FUSED_OVER_BASE_MAX = 1.15  # fused fwd+bwd time / base matmul fwd+bwd time
-PEFT_OVER_FUSED_MIN = 1.3   # peft fwd+bwd time / fused fwd+bwd time
+LORA_SEQS = [(2048, 4), (512, 8), (8192, 4)]  # (seq, rows): 8k, 4k and 32k tokens per micro-batch
+DRY_SHAPES = [("tiny", "proj", 48, 40), ("tiny", "up", 48, 72)]
+DRY_SEQS = [(16, 2)]
+DRY_RANKS = [4]
+FUSED_OVER_BASE_MAX = 1.15  # issue 13 targets, judged on a GPU only: best route fwd+bwd / base
+PEFT_OVER_FUSED_MIN = 1.3   # peft fwd+bwd / best route
 
 
-def _peft_layer(K: int, N: int, r: int, alpha: float, dropout: float, dtype, device):
+def _peft_layer(K: int, N: int, r: int, alpha: float, dtype, device):
     """peft's LoRA layer on a frozen bias-free nn.Linear (Llama projections have no bias)."""
     from peft import LoraConfig
     from peft.tuners.lora import Linear as PeftLoraLinear
 
     base = nn.Linear(K, N, bias=False, dtype=dtype, device=device)
     base.weight.requires_grad_(False)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0)
     layer = PeftLoraLinear(base, "default", config=cfg, r=r, lora_alpha=alpha)
     layer.to(device=device, dtype=dtype)
     with torch.no_grad():  # a trained-looking B (peft initialises it to zero)
@@ -120,103 +136,185 @@ def _peft_layer(K: int, N: int, r: int, alpha: float, dropout: float, dtype, dev
     return layer
 
 
-def _lora_case(K: int, N: int, r: int, M: int, dropout: float, dtype, device, backend: str, timer,
-               iters: int, warmup: int) -> dict:
+def environment() -> dict:
+    """What the numbers were measured with: GPU, driver, torch, triton (recorded in every JSON)."""
+    import platform
+    env = {"torch": torch.__version__, "python": platform.python_version(), "cuda": torch.version.cuda}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        try:
+            import subprocess
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=20).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            env["driver"] = None
+    else:
+        env["gpu"], env["driver"] = None, None
+    env["triton_interpret"] = os.environ.get("TRITON_INTERPRET") == "1"
+    return env
+
+
+def _counters() -> dict:
+    from kernels import lora_linear as LL
+    return {**{f"route:{k}": v for k, v in LL.ROUTE_CALLS.items()}, **{f"kernel:{k}": v for k, v in LL.LAUNCHES.items()}}
+
+
+def _delta(before: dict, after: dict) -> dict:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+
+
+def _lora_point(K, N, r, M, dtype, device, timer, triton_ok: bool) -> dict:
+    from kernels import lora_linear as LL
     from kernels.lora_linear import lora_linear
 
-    alpha = 2.0 * r
-    peft_layer = _peft_layer(K, N, r, alpha, dropout, dtype, device)
+    peft_layer = _peft_layer(K, N, r, 2.0 * r, dtype, device)
     W = peft_layer.base_layer.weight                 # (N, K) frozen
-    A = peft_layer.lora_A["default"].weight          # (r, K) trainable, the same tensors peft trains
+    A = peft_layer.lora_A["default"].weight          # (r, K) trainable: the same tensors for every system
     B = peft_layer.lora_B["default"].weight          # (N, r)
     s = peft_layer.scaling["default"]
-    x = torch.randn(M, K, dtype=dtype, device=device)
+    x = torch.randn(M, K, dtype=dtype, device=device, requires_grad=True)  # dx wanted, as inside a network
     dy = torch.randn(M, N, dtype=dtype, device=device)
-    xg = x.clone().requires_grad_()                  # fwd+bwd: dx wanted, as inside a network
-
-    def clear():
-        xg.grad = None
-        A.grad = None
-        B.grad = None
-
-    fns = {
-        "base": lambda inp: torch.nn.functional.linear(inp, W),
-        "fused": lambda inp: lora_linear(inp, W, None, A, B, s, dropout, True, backend=backend),
-        "peft": lambda inp: peft_layer(inp),
+    systems = {
+        "base": lambda: torch.nn.functional.linear(x, W),
+        "peft": lambda: peft_layer(x),
+        "cublas": lambda: lora_linear(x, W, None, A, B, s, 0.0, True, backend="cublas"),
+        "triton": lambda: lora_linear(x, W, None, A, B, s, 0.0, True, backend="triton"),
     }
-    with torch.no_grad():  # one correctness look at the same parameters (dropout off for it)
-        peft_layer.eval()
-        y_peft = peft_layer(x)
-        y_fused = lora_linear(x, W, None, A, B, s, 0.0, False, backend=backend)
-        peft_layer.train()
-    row = {"K": K, "N": N, "r": r, "tokens": M, "fused_vs_peft_rel_err": rel_err(y_fused, y_peft),
-           "fwd_ms": {}, "fwd_bwd_ms": {}}
-    for name, fn in fns.items():
-        with torch.no_grad():
-            row["fwd_ms"][name] = timer(lambda: fn(x), iters, warmup)
-        row["fwd_bwd_ms"][name] = timer(lambda: fn(xg).backward(dy), iters, warmup, setup=clear)
-    fb = row["fwd_bwd_ms"]
-    row["fused_over_base_fwd_bwd"] = fb["fused"] / fb["base"]
-    row["peft_over_fused_fwd_bwd"] = fb["peft"] / fb["fused"]
-    row["meets_targets"] = {"fused_within_1.15x_base": row["fused_over_base_fwd_bwd"] <= FUSED_OVER_BASE_MAX,
-                            "fused_1.3x_faster_than_peft": row["peft_over_fused_fwd_bwd"] >= PEFT_OVER_FUSED_MIN}
-    # achieved throughput of the fused fwd+bwd: 4·M·N·K (base y and dx) + 6·M·r·(N + K) (LoRA)
-    flops = 4 * M * N * K + 6 * M * r * (N + K)
-    row["fused_fwd_bwd_tflops"] = flops / (fb["fused"] * 1e-3) / 1e12
+    with torch.no_grad():
+        ref = peft_layer(x)
+    row = {"K": K, "N": N, "r": r, "tokens": M, "systems": {}}
+    for name, fn in systems.items():
+        if name == "triton" and not triton_ok:
+            row["systems"][name] = {"status": "not run: the Triton route needs CUDA or TRITON_INTERPRET=1"}
+            continue
+        try:
+            with torch.no_grad():
+                err = rel_err(fn(), ref) if name != "base" else None
+            step = lambda: fn().backward(dy)
+
+            def clear():
+                x.grad = A.grad = B.grad = None
+
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            before = _counters()
+            ms = timer(step, clear)
+            res = {"status": "ok", "fwd_bwd_ms": ms, "launches": _delta(before, _counters()),
+                   "rel_err_vs_peft": err}
+            if device == "cuda":
+                res["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+            if name == "triton":
+                res["configs"] = {k: dict(v) for k, v in LL.LAST_CONFIG.items()}
+            row["systems"][name] = res
+        except Exception as e:  # one system's failure loses its own cell only
+            row["systems"][name] = {"status": f"failed: {type(e).__name__}: {e}"[:300]}
+    ok = {n: v["fwd_bwd_ms"] for n, v in row["systems"].items() if v.get("status") == "ok"}
+    routes = {n: t for n, t in ok.items() if n in ("cublas", "triton")}
+    if "base" in ok and routes:
+        best = min(routes, key=routes.get)
+        row["best_route"] = best
+        row["best_over_base"] = routes[best] / ok["base"]
+        if "peft" in ok:
+            row["peft_over_best"] = ok["peft"] / routes[best]
+    row["flops"] = 4 * M * N * K + 6 * M * r * (N + K)  # y and dx of the base, plus LoRA's six skinny GEMMs
     return row
 
 
-def _print_lora_table(rows: list[dict], targets: bool = True) -> None:
-    """One line per (shape, r): times in ms, the two ratios the targets are about, and the forward's
-    max relative difference fused vs peft. `targets=False` (CPU smoke) leaves out the verdicts."""
-    print(f"{'shape':>13} {'r':>3} | {'fwd ms: base':>13} {'fused':>8} {'peft':>8} | "
-          f"{'fwd+bwd: base':>13} {'fused':>8} {'peft':>8} | {'fused/base':>10} {'peft/fused':>10} | {'rel err':>8}")
-    for row in rows:
-        f, fb = row["fwd_ms"], row["fwd_bwd_ms"]
-        ok1 = ("ok" if row["fused_over_base_fwd_bwd"] <= FUSED_OVER_BASE_MAX else "MISS") if targets else ""
-        ok2 = ("ok" if row["peft_over_fused_fwd_bwd"] >= PEFT_OVER_FUSED_MIN else "MISS") if targets else ""
-        print(f"{row['K']:>6}→{row['N']:<6} {row['r']:>3} | {f['base']:>13.3f} {f['fused']:>8.3f} {f['peft']:>8.3f} | "
-              f"{fb['base']:>13.3f} {fb['fused']:>8.3f} {fb['peft']:>8.3f} | "
-              f"{row['fused_over_base_fwd_bwd']:>6.2f}× {ok1:<3} {row['peft_over_fused_fwd_bwd']:>6.2f}× {ok2:<3} | "
-              f"{row['fused_vs_peft_rel_err']:>8.1e}")
-    if targets:
-        print(f"targets: fused fwd+bwd ≤ {FUSED_OVER_BASE_MAX}× base matmul fwd+bwd; "
-              f"peft fwd+bwd ≥ {PEFT_OVER_FUSED_MIN}× fused")
+def bench_lora_linear(args) -> dict:
+    """The LoRA linear routes vs peft vs the base GEMM. Returns the section's JSON."""
+    import importlib.util
+    cuda = torch.cuda.is_available() and not args.dry_run
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    triton_ok = importlib.util.find_spec("triton") is not None and (cuda or interp)
+    print(f"== lora_linear: y = x Wᵀ + s · x Aᵀ Bᵀ, fwd+bwd ({'bf16, CUDA events' if cuda else 'dry run on CPU'}) ==")
+    if cuda:
+        device, dtype = "cuda", torch.bfloat16
+        shapes, seqs, ranks = LORA_SHAPES, LORA_SEQS, LORA_RANKS
+
+        if args.smoke:
+            seqs, ranks = seqs[:1], ranks[:1]
+
+        def timer(step, clear):
+            return _do_bench(step, clear, args)
+        timing = "median of CUDA-event times (triton.testing.do_bench), grads cleared between calls"
     else:
-        print("(CPU: 'fused' is the torch reference path; the GPU targets do not apply)")
-
-
-def bench_lora_linear(args) -> dict | None:
-    """Fused LoRA linear vs peft vs the base matmul. Returns the section's JSON (None on CPU)."""
-    print("== lora_linear: y = x Wᵀ + s · dropout(x) Aᵀ Bᵀ (bf16) ==")
-    if not torch.cuda.is_available():
-        print(NO_CUDA)
-        print("CPU smoke run (torch reference path vs peft, small fp32 shapes; not a kernel benchmark):")
+        if not args.dry_run:
+            print(NO_CUDA + " (use --dry-run for the CPU rehearsal)")
+        device, dtype = "cpu", torch.float32
+        shapes, seqs, ranks = DRY_SHAPES, DRY_SEQS, DRY_RANKS
         torch.set_num_threads(args.threads)
-        rows = [_lora_case(K, N, r, 256, args.dropout, torch.float32, "cpu", "torch", cpu_time_ms, 10, 3)
-                for K, N, r in [(128, 256, 8), (256, 128, 8)]]
-        _print_lora_table(rows, targets=False)
-        bad = [r for r in rows if r["fused_vs_peft_rel_err"] > 1e-5]
-        if bad:
-            raise SystemExit(f"lora_linear CPU smoke: torch path disagrees with peft: {bad}")
-        return None
-    tokens = 1024 if args.smoke else LORA_TOKENS
-    shapes = [(1024, 2048)] if args.smoke else LORA_SHAPES
-    ranks = [16] if args.smoke else LORA_RANKS
-    rows = []
-    for K, N in shapes:
+
+        def timer(step, clear):
+            return cpu_time_ms(step, 3, 1, setup=clear)
+        timing = "CPU wall clock (dry run: rehearses the script, not a benchmark)"
+    t0 = time.perf_counter()
+    rows, skipped = [], []
+    for (seq, rows_per_batch) in seqs:
         for r in ranks:
-            rows.append(_lora_case(K, N, r, tokens, args.dropout, torch.bfloat16, "cuda", "triton",
-                                   cuda_time_ms, args.iters, args.warmup))
-            torch.cuda.empty_cache()
-    _print_lora_table(rows)
-    import triton
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "dtype": "bfloat16", "tokens": tokens, "lora_dropout": args.dropout, "iters": args.iters,
-            "timing": "median of CUDA-event times per call",
-            "targets": {"fused_over_base_fwd_bwd_max": FUSED_OVER_BASE_MAX,
-                        "peft_over_fused_fwd_bwd_min": PEFT_OVER_FUSED_MIN},
-            "smoke": bool(args.smoke), "rows": rows}
+            for model, family, K, N in shapes:
+                point = dict(model=model, family=family, seq=seq, rows=rows_per_batch)
+                if time.perf_counter() - t0 > args.budget_s:
+                    skipped.append({**point, "K": K, "N": N, "r": r, "status": f"skipped: {args.budget_s}s budget"})
+                    continue
+                row = {**point, **_lora_point(K, N, r, seq * rows_per_batch, dtype, device, timer, triton_ok)}
+                rows.append(row)
+                _print_row(row)
+                if cuda:
+                    torch.cuda.empty_cache()
+    return {"benchmark": "kernels_lora", "dry_run": not cuda, "environment": environment(),
+            "dtype": str(dtype).removeprefix("torch."), "timing": timing, "lora_dropout": 0.0,
+            "targets": {"best_over_base_max": FUSED_OVER_BASE_MAX, "peft_over_best_min": PEFT_OVER_FUSED_MIN,
+                        "judged": "on a GPU run only" if cuda else "not judged (dry run)"},
+            "wall_s": round(time.perf_counter() - t0, 1), "rows": rows, "skipped": skipped}
+
+
+def _do_bench(step, clear, args) -> float:
+    """Median ms of step() by CUDA events (triton.testing.do_bench); clear() zeroes the grads first so
+    backward writes rather than accumulates (do_bench's grad_to_none does exactly that)."""
+    import triton.testing
+    clear()
+    return triton.testing.do_bench(lambda: (clear(), step()), warmup=args.warmup_ms, rep=args.rep_ms,
+                                   return_mode="median")
+
+
+def _print_row(row: dict) -> None:
+    cells = []
+    for name in ("base", "peft", "cublas", "triton"):
+        v = row["systems"].get(name, {})
+        cells.append(f"{name} {v['fwd_bwd_ms']:8.3f}" if v.get("status") == "ok" else f"{name} {'-':>8}")
+    extra = f" best={row.get('best_route')} {row.get('best_over_base', float('nan')):.2f}× base" if "best_route" in row else ""
+    print(f"{row['model']:>10} {row['family']:>13} {row['K']:>5}→{row['N']:<5} r={row['r']:<3} "
+          f"tokens={row['tokens']:<6} | " + " | ".join(cells) + extra, flush=True)
+
+
+def write_routes(result: dict, path: str | None = None) -> str:
+    """kernels/routes/lora_linear_<gpu>.json from a GPU result: per (K, N, r), the route faster at the
+    8k-token point (seq 2048), for `auto` to follow. Refuses a dry run."""
+    if result.get("dry_run") or not result["environment"].get("gpu"):
+        raise SystemExit("--write-routes: needs a GPU result (this is a dry run)")
+    from kernels.lora_linear import ROUTES_DIR, _slug
+    gpu = result["environment"]["gpu"]
+    routes = []
+    for row in result["rows"]:
+        if row["seq"] == 2048 and "best_route" in row:
+            routes.append({"K": row["K"], "N": row["N"], "r": row["r"], "dtype": result["dtype"],
+                           "route": row["best_route"], "tokens": row["tokens"]})
+    path = path or os.path.join(ROUTES_DIR, f"lora_linear_{_slug(gpu)}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    doc = {"device": gpu, "measured_from": result.get("source", "benchmarks.kernels lora_linear"),
+           "environment": result["environment"], "routes": routes}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
+    print(f"wrote {path} ({len(routes)} shapes)")
+    return path
 
 
 # ----------------------------------------------------------------------------- main
@@ -233,45 +331,44 @@ def bench_nf4_dequant(args) -> None:
     nf4_dequant.main(["--runs", str(args.iters), "--warmup", str(args.warmup)])
 
 
-# Each section prints its table; lora_linear returns its rows for <device>.json, the other two
-# write their own files (<device>_prox.json, <device>_nf4_dequant.json).
-SECTIONS = {
-    "lora_linear": bench_lora_linear,
-    "prox_l1": bench_prox_and_l1,
-    "nf4_dequant": bench_nf4_dequant,
-}
+SECTIONS = {"lora_linear": bench_lora_linear, "prox_l1": bench_prox_and_l1, "nf4_dequant": bench_nf4_dequant}
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Kernel benchmarks (kernels): " + ", ".join(SECTIONS),
-                                 epilog="Results: benchmarks/results/<device>.json, one key per section "
-                                        "(merged; written only with CUDA and not for --smoke unless --out).")
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Kernel benchmarks: " + ", ".join(SECTIONS))
     ap.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run only these sections")
-    ap.add_argument("--smoke", action="store_true", help="small shapes, quick run; writes no results file")
-    ap.add_argument("--iters", type=int, default=20, help="timed iterations per measurement (median)")
-    ap.add_argument("--warmup", type=int, default=5, help="untimed iterations first (compilation, caches)")
-    ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout for the lora_linear section")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for the CPU smoke runs")
-    ap.add_argument("--out", help="results JSON path (default benchmarks/results/<device>.json)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="tiny shapes on the CPU (torch and cublas routes; triton under TRITON_INTERPRET=1): "
+                         "rehearses the script, measures nothing")
+    ap.add_argument("--smoke", action="store_true", help="GPU: only the seq-2048, r=16 points")
+    ap.add_argument("--budget-s", type=float, default=150.0, help="lora_linear: start no new point after this")
+    ap.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up per measurement")
+    ap.add_argument("--rep-ms", type=float, default=100.0, help="do_bench measuring time per measurement")
+    ap.add_argument("--iters", type=int, default=20, help="(prox_l1, nf4_dequant) timed iterations")
+    ap.add_argument("--warmup", type=int, default=5, help="(prox_l1, nf4_dequant) untimed iterations")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for the dry run")
+    ap.add_argument("--out", help="lora_linear: write its JSON here (default on a GPU: "
+                                  "benchmarks/results/kernels_lora_<gpu>.json; a dry run writes only with --out)")
+    ap.add_argument("--write-routes", action="store_true",
+                    help="lora_linear on a GPU: also write kernels/routes/lora_linear_<gpu>.json for train.kernels=auto")
     args = ap.parse_args(argv)
-    if args.smoke:
-        args.iters, args.warmup = min(args.iters, 5), min(args.warmup, 2)
 
-    results = {}
     for name in args.only or list(SECTIONS):
         res = SECTIONS[name](args)
-        if res is not None:
-            results[name] = res
         print()
-    if not results:
-        return
-    if args.smoke and not args.out:
-        print("--smoke: results not written (pass --out to keep them)")
-        return
-    path = args.out or os.path.join(RESULTS_DIR, f"{device_slug(torch.cuda.get_device_name())}.json")
-    for name, res in results.items():
-        merge_results(path, name, res)
+        if name != "lora_linear":
+            continue
+        path = args.out
+        if path is None and not res["dry_run"]:
+            path = os.path.join(RESULTS_DIR, f"kernels_lora_{device_slug(res['environment']['gpu'])}.json")
+        if path:
+            res["source"] = os.path.basename(path)
+            write_json(res, path)
+            print(f"wrote {path}")
+        if args.write_routes:
+            write_routes(res)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

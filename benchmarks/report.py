@@ -36,7 +36,9 @@ SYSTEM_ORDER = ("ours", "hf", "trl", "liger")
 def load_results(results_dir: str) -> list[dict]:
     """The train_step documents in results_dir, CPU files first."""
     docs = []
-    for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
+    # results_dir/*.json, and one folder down (run_gpu.sh writes <OUT>/train_step/<device>.json)
+    paths = glob.glob(os.path.join(results_dir, "*.json")) + glob.glob(os.path.join(results_dir, "*", "*.json"))
+    for path in sorted(paths):
         with open(path) as f:
             try:
                 doc = json.load(f)

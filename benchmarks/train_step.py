@@ -152,6 +152,8 @@ def _configs() -> dict[str, Config]:
         # Seconds-long smoke configurations on the built-in random 2-layer model (tests use them).
         Config("cpu-tiny-lora-sft", "cpu", "builtin:tiny-llama", "sft", False, 64, 2, 2, 1, None, ("ours", "hf", "trl")),
         Config("cpu-tiny-lora-dpo", "cpu", "builtin:tiny-llama", "dpo", False, 64, 2, 2, 1, None, ("ours", "trl")),
+        # QLoRA SFT smoke (run_gpu.sh --dry-run rehearses the QLoRA row with it)
+        Config("cpu-tiny-qlora-sft", "cpu", "builtin:tiny-llama", "sft", True, 64, 2, 2, 1, None, ("ours",)),
     ]
     for short in ("llama2-7b", "mistral-7b"):
         for adapter in ("lora", "qlora"):
@@ -293,8 +295,16 @@ def _spawn(system: str, plan_path: str) -> dict:
     """Run one child process; its last stdout line starting with RESULT carries its JSON."""
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--child", system, "--plan", plan_path],
-                          cwd=REPO, env=env, capture_output=True, text=True)
+    # PAFT_BENCH_SYSTEM_TIMEOUT_S (run_gpu.sh sets it): a hung system loses its own row only
+    limit = float(os.environ.get("PAFT_BENCH_SYSTEM_TIMEOUT_S", 0)) or None
+    if limit and system == "setup":
+        limit *= 2  # setup writes the random-init model once
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--child", system, "--plan", plan_path],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired:
+        print(f"  {system} failed: timed out after {limit:.0f} s", file=sys.stderr)
+        return {"status": f"failed: timed out after {limit:.0f} s", "error": "timeout"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-25:]

@@ -50,7 +50,7 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disabled = False
-        self.kernels = "auto"  # "auto" | "triton" | "torch": which implementation of the fused forward
+        self.kernels = "auto"  # "auto" | "cublas" | "triton" | "torch": the LoRA linear route (kernels/lora_linear.py)
         # The factors are the trainable master copy: fp32 even when the base is bf16.
         # skip_init: no throwaway default init (which would also draw from the global RNG).
         # They are initialised on the CPU, so a seed gives the same A on every device.
@@ -69,9 +69,8 @@ class LoRALinear(nn.Module):
         if self.disabled:
             return self.base_layer(x)
         if isinstance(self.base_layer, nn.Linear):
-            # y = x Wᵀ + b + s·dropout(x) Aᵀ Bᵀ: one fused Triton kernel on CUDA (the low-rank term is
-            # added in the base GEMM's epilogue), the same math in torch ops on CPU.
-            # See kernels/lora_linear.py; `kernels` comes from the recipe (train.kernels).
+            # y = x Wᵀ + b + s·dropout(x) Aᵀ Bᵀ by the route `kernels` names (train.kernels): cuBLAS GEMM +
+            # in-place addmm_, the fused Triton kernel, or the torch reference (kernels/lora_linear.py).
             p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
             return lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight,
                                self.lora_B.weight, self.scaling, p, self.training, backend=self.kernels)
@@ -158,9 +157,34 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def set_kernels(model: nn.Module, backend: str) -> None:
-    """Choose the kernels of every LoRA layer: "auto" (Triton on CUDA, torch on CPU), "triton" or "torch"."""
+    """Choose the LoRA linear route of every LoRA layer: "auto", "cublas", "triton" or "torch"."""
     for _, m in _lora_modules(model):
         m.kernels = backend
+
+
+def kernel_routes(model: nn.Module, device, dtype: torch.dtype) -> dict[str, list[tuple[str, str]]]:
+    """{layer family (q_proj, ...): [(route, why), ...] over its layers}: what lora_linear will run."""
+    from kernels.lora_linear import describe_route
+    routes: dict[str, list[tuple[str, str]]] = {}
+    for name, m in _lora_modules(model):
+        family = name.rpartition(".")[2]
+        K, N = m.lora_A.weight.shape[1], m.lora_B.weight.shape[0]
+        routes.setdefault(family, []).append(describe_route(m.kernels, device, K, N, m.r, dtype))
+    return routes
+
+
+def kernel_routes_line(model: nn.Module, device, dtype: torch.dtype) -> str:
+    """The start-up line: 'kernels: lora_linear q_proj=cublas, ... (cublas: <why>)', one entry per family."""
+    routes = kernel_routes(model, device, dtype)
+    parts, whys = [], {}
+    for family, choices in routes.items():
+        counts: dict[str, int] = {}
+        for route, why in choices:
+            counts[route] = counts.get(route, 0) + 1
+            whys.setdefault(route, set()).add(why)
+        parts.append(f"{family}=" + ",".join(r if len(counts) == 1 else f"{r}×{n}" for r, n in counts.items()))
+    why = "; ".join(f"{r}: {', '.join(sorted(w))}" for r, w in whys.items())
+    return f"kernels: lora_linear {' '.join(parts)} ({why}; {str(dtype).removeprefix('torch.')} on {device})"
 
 
 @contextmanager

@@ -149,9 +149,10 @@ class TrainConfig:
         "'auto' (newest checkpoint in output_dir, if any) or a checkpoint directory"))
     log_every: int = field(default=1, metadata=_help("write metrics every N steps", check=(lambda v: v > 0, "must be > 0")))
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=_help("auto = cuda if available"))
-    kernels: Literal["auto", "triton", "torch"] = field(default="auto", metadata=_help(
-        "auto: Triton kernels on CUDA, torch references on CPU; triton or torch forces one "
-        "(triton on CPU only under TRITON_INTERPRET=1, slowly)"))
+    kernels: Literal["auto", "cublas", "triton", "torch"] = field(default="auto", metadata=_help(
+        "LoRA linear route: auto (CPU: torch reference; CUDA: the route measured faster per shape in "
+        "kernels/routes/, cublas without a table; printed at start-up), cublas (torch GEMM + in-place addmm_), "
+        "triton (fused kernel; on CPU only under TRITON_INTERPRET=1, slowly) or torch (reference)"))
     threads: int = field(default=0, metadata=_help("torch CPU threads (0: torch's default)",
                                                    check=(lambda v: v >= 0, "must be >= 0")))
     distributed: Literal["none", "ddp", "fsdp2"] = field(default="none", metadata=_help(

@@ -40,7 +40,7 @@ from functools import partial
 
 from engine.data import Batches, PairBatches, encode_all, encode_pairs, load_examples, load_preference_examples
 from engine.log import RunLog, plot_loss
-from engine.lora import apply_lora, lora_parameters, save_adapter, set_kernels
+from engine.lora import apply_lora, kernel_routes_line, lora_parameters, save_adapter, set_kernels
 from engine.losses import dpo_loss
 from engine.models import cache_root, describe, load_model_and_tokenizer
 from kernels.prox_adamw import l1_norm_of, zero_fraction
@@ -194,6 +194,9 @@ def run(recipe: Recipe) -> dict:
     print(f"model: {describe(model)}")  # before LoRA: quantization turns weights into non-parameters
     targets = apply_lora(model, recipe.lora, seed=tc.seed)
     set_kernels(model, tc.kernels)
+    # which LoRA linear route each layer family runs, and why (never chosen silently)
+    print(kernel_routes_line(model, device, torch.bfloat16 if device.type == "cuda" else next(
+        p.dtype for p in model.parameters() if p.is_floating_point())))
     params = lora_parameters(model)
     n_trainable = sum(p.numel() for p in params)
     print(f"lora: r={recipe.lora.r} alpha={recipe.lora.alpha} on {len(targets)} layers "
@@ -277,7 +280,7 @@ def run(recipe: Recipe) -> dict:
             loss = stats.pop("loss")
             # L1 of the deltas (PAFT sparse SFT, l1.on: product): once per step, on top of the data gradient
             if l1.lam > 0 and l1.on == "product":
-                penalty = l1_penalty(model, l1.lam, tc.kernels)
+                penalty = l1_penalty(model, l1.lam, "auto" if tc.kernels == "cublas" else tc.kernels)
                 penalty.backward()
                 stats["l1"] = penalty.item()
             if tc.method == "dpo" and step == 0:

@@ -2,7 +2,8 @@
 
 Fast: every GPU configuration builds its model config and plan on the meta device (--dry-run),
 the FLOP count matches a hand count, the targets are judged right, the report renders a table,
-a chart and a README block from a results file, and the GPU scripts parse.
+a chart and a README block from a results file, the GPU scripts parse and name real configurations,
+and run_gpu.sh --dry-run runs its kernel section on the CPU (all sections: a slow test).
 Slow (real child processes on builtin:tiny-llama, ~30 s each): ours vs the transformers + peft
 loop (SFT) and ours vs TRL's DPOTrainer; both must start from the same loss, since they train
 the same model from the same factors on the same tokens.
@@ -110,12 +111,60 @@ def test_random_rows_split_prompt_and_answer():
 
 # --------------------------------------------------------------------------- GPU scripts
 
-def test_gpu_scripts_parse_and_name_every_gpu_configuration():
+def test_gpu_scripts_parse_and_name_real_configurations():
     for script in ("fetch_wheels.sh", "run_gpu.sh"):
         subprocess.run(["bash", "-n", os.path.join(REPO, "benchmarks", "gpu", script)], check=True)
     text = open(os.path.join(REPO, "benchmarks", "gpu", "run_gpu.sh")).read()
-    listed = re.search(r'DEFAULT_CONFIGS="([^"]*)"', text).group(1).split()
-    assert sorted(listed) == sorted(GPU_CONFIGS) and len(set(listed)) == len(listed)
+    named = re.findall(r"train (train_\w+) (\S+) (\S+) (\S+)", text)
+    assert {n for n, *_ in named} == {"train_lora_sft", "train_qlora_sft", "train_lora_dpo"}
+    for _, gpu, tiny, systems in named:  # the GPU row and its dry-run stand-in both exist
+        assert CONFIGS[gpu].device == "cuda" and CONFIGS[tiny].device == "cpu"
+        assert CONFIGS[gpu].method == CONFIGS[tiny].method and CONFIGS[gpu].qlora == CONFIGS[tiny].qlora
+        assert set(systems.split(",")) <= set(CONFIGS[tiny].systems)
+
+
+def _dry_run_gpu_script(out, sections: str) -> dict:
+    env = {**os.environ, "OUT": str(out), "SECTIONS": sections, "PAFT_CACHE": str(out / "cache"),
+           "PYTHONPATH": REPO}
+    proc = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu", "run_gpu.sh"), "--dry-run"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["benchmark"] == "run_gpu" and run["dry_run"] is True
+    assert [s["section"] for s in run["sections"]] == sections.split()
+    assert "torch" in run["environment"] and "triton" in run["environment"] and run["environment"]["gpu"] is None
+    assert (out / "run.log").read_text().count("=== ") >= 2 * len(sections.split())
+    return run
+
+
+def test_gpu_script_dry_run_kernel_section(tmp_path):
+    """run_gpu.sh --dry-run, kernel LoRA section only: real CPU runs of base, peft, cublas and (interpreted)
+    triton on tiny shapes, and the JSON records what ran."""
+    run = _dry_run_gpu_script(tmp_path, "kernels_lora")
+    assert run["sections"][0]["status"] == "ok", run
+    doc = json.loads((tmp_path / "kernels_lora.json").read_text())
+    assert doc["dry_run"] and doc["environment"]["triton_interpret"] and doc["rows"]
+    for row in doc["rows"]:
+        sysd = row["systems"]
+        assert all(sysd[n]["status"] == "ok" for n in ("base", "peft", "cublas", "triton")), sysd
+        assert set(sysd["cublas"]["launches"]) == {"route:cublas"}  # the route that was asked for, and only it
+        assert sysd["triton"]["launches"]["route:triton"] > 0 and sysd["triton"]["launches"]["kernel:gemm"] > 0
+        assert sysd["triton"]["rel_err_vs_peft"] < 1e-5 and sysd["cublas"]["rel_err_vs_peft"] < 1e-5
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_end_to_end(tmp_path):
+    """Every section of run_gpu.sh on the CPU (several minutes on 2 cores): one section failing (a module
+    without --dry-run, say) is recorded and the others still run; the report reads the train_step file."""
+    all_sections = "kernels_lora kernels_prox nf4 train_lora_sft train_qlora_sft train_lora_dpo"
+    run = _dry_run_gpu_script(tmp_path, all_sections)
+    status = {s["section"]: s["status"] for s in run["sections"]}
+    assert status["kernels_lora"] == "ok" and status["train_lora_sft"] == "ok", status
+    assert status["train_qlora_sft"] == "ok" and status["train_lora_dpo"] == "ok", status
+    doc = json.loads(next((tmp_path / "train_step").glob("cpu-*core.json")).read_text())
+    assert {"cpu-tiny-lora-sft", "cpu-tiny-qlora-sft", "cpu-tiny-lora-dpo"} <= set(doc["runs"])
+    assert report.main(["--results", str(tmp_path)]) == 0
+    assert "cpu-tiny-qlora-sft" in (tmp_path / "README_table.md").read_text()
 
 
 # --------------------------------------------------------------------------- report

@@ -154,21 +154,41 @@ def test_resume_refuses_a_different_data_stream(tmp_path):
                     "train.resume=auto"))["steps"] == 4
 
 
+def test_start_up_line_names_the_route_of_every_layer_family(tmp_path, capsys):
+    run(tiny(tmp_path, "train.max_steps=1", "train.eval_every=0", "train.warmup_steps=0", "train.save_every=0"))
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("kernels: lora_linear ")]
+    assert len(lines) == 1, lines
+    families = {part.split("=")[0] for part in lines[0].split(" (")[0].split()[2:]}
+    assert families == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}, lines[0]
+    assert "=torch" in lines[0] and "(torch: cpu: the torch reference; float32 on cpu)" in lines[0]
+    capsys.readouterr()
+    run(tiny(tmp_path / "forced", "train.max_steps=1", "train.eval_every=0", "train.warmup_steps=0",
+             "train.save_every=0", "train.kernels=cublas"))
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("kernels: lora_linear ")][0]
+    assert "=torch" not in line and "(cublas: forced;" in line
+
+
 @pytest.mark.parametrize("quantize", [[], ["lora.quantize_base=nf4"]], ids=["lora", "qlora"])
-def test_triton_kernels_give_the_same_losses_as_torch(tmp_path, quantize):
-    # The fused LoRA kernel (after NF4 dequant for QLoRA), run by Triton's interpreter on CPU,
-    # against the torch reference path.
+def test_kernel_routes_give_the_same_losses_as_torch(tmp_path, quantize):
+    # The cublas route (torch GEMMs + in-place addmm_; plain torch on CPU) draws the same dropout mask as
+    # the reference; the fused Triton kernels, run by Triton's interpreter on CPU (after NF4 dequant for
+    # QLoRA), draw theirs from Philox, so they are compared with dropout off.
     common = [TINY, "train.max_steps=3", "train.eval_every=0", "train.save_every=0", "train.warmup_steps=0",
-              "train.batch_size=4", "lora.dropout=0.1", *quantize]
+              "train.batch_size=4", *quantize]
     env = {**os.environ, "PYTHONPATH": REPO, "TRITON_INTERPRET": "1"}
-    for backend in ("torch", "triton"):
-        res = subprocess.run([sys.executable, "-m", "engine.train", *common, f"output_dir={tmp_path / backend}",
-                              f"train.kernels={backend}"], cwd=REPO, env=env, capture_output=True, text=True)
+    runs = {"torch": ("torch", "0.1"), "cublas": ("cublas", "0.1"), "torch0": ("torch", "0.0"),
+            "triton0": ("triton", "0.0")}
+    for name, (backend, p) in runs.items():
+        res = subprocess.run([sys.executable, "-m", "engine.train", *common, f"output_dir={tmp_path / name}",
+                              f"train.kernels={backend}", f"lora.dropout={p}"], cwd=REPO, env=env,
+                             capture_output=True, text=True)
         assert res.returncode == 0, res.stderr[-2000:]
-    losses = {b: [r["loss"] for r in read_metrics(str(tmp_path / b / "metrics.jsonl")) if "loss" in r]
-              for b in ("torch", "triton")}
+        assert f"={backend}" in [ln for ln in res.stdout.splitlines() if ln.startswith("kernels: ")][0]
+    losses = {b: [r["loss"] for r in read_metrics(str(tmp_path / b / "metrics.jsonl")) if "loss" in r] for b in runs}
     assert len(losses["torch"]) == 3
-    assert losses["triton"] == pytest.approx(losses["torch"], rel=1e-4)
+    assert losses["cublas"] == pytest.approx(losses["torch"], rel=1e-4)
+    assert losses["triton0"] == pytest.approx(losses["torch0"], rel=1e-4)
+    assert losses["torch"] != losses["torch0"]  # the dropout runs really dropped something
 
 
 @pytest.mark.parametrize("on,lam", [("product", "1e-3"), ("factors", "1.0")])

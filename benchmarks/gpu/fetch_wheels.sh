@@ -8,7 +8,7 @@
 # from .whl/, which travels with the working tree (64 MiB limit for everything that travels):
 #
 #     trl, datasets (+ dill, multiprocess)   TRL's trainers; datasets is not in the image
-#     peft                                    the image has one; this pins the version tested here
+#     (peft, transformers, accelerate, safetensors, tokenizers: in the image, not carried)
 #     bitsandbytes                            the 4-bit peer; its wheel carries one library per CUDA
 #                                             version (43 MB), so only the CUDA 13 ones and the CPU one
 #                                             are kept (about 4 MB)
@@ -21,8 +21,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 DEST=.whl
-PACKAGES=(trl==1.16.0 peft==0.21.2 datasets==4.7.0 dill==0.4.0 multiprocess==0.70.18
+PACKAGES=(trl==1.16.0 datasets==4.7.0 dill==0.4.0 multiprocess==0.70.18
           bitsandbytes==0.50.2 liger-kernel==0.8.5)
+LIMIT_MIB=${LIMIT_MIB:-48}  # of the 64 MiB that travel with the tree; the rest is the repository
 
 mkdir -p "$DEST"
 for spec in "${PACKAGES[@]}"; do  # drop other versions of these packages left by an earlier fetch
@@ -53,5 +54,22 @@ for path in glob.glob(os.path.join(sys.argv[1], "bitsandbytes-*.whl")):
     print(f"slimmed {os.path.basename(path)} to {os.path.getsize(path) / 2**20:.1f} MiB")
 EOF
 
+# Keep within LIMIT_MIB: the peers' wheels in the order above; one that does not fit is removed and
+# named, with its reason, in .whl/SKIPPED.txt (run_gpu.sh prints it; that peer's rows then fail alone).
+: > "$DEST/SKIPPED.txt"
+total=0
+for spec in "${PACKAGES[@]}"; do
+    name=${spec%%==*}
+    for whl in "$DEST/${name//-/_}"-*.whl "$DEST/$name"-*.whl; do
+        [[ -e "$whl" ]] || continue
+        size=$(( $(stat -c %s "$whl") / 1048576 + 1 ))
+        if (( total + size > LIMIT_MIB )); then
+            echo "$(basename "$whl"): ${size} MiB does not fit (${total} of ${LIMIT_MIB} MiB used)" | tee -a "$DEST/SKIPPED.txt"
+            rm -f "$whl"
+        else
+            total=$((total + size))
+        fi
+    done
+done
 ls -l "$DEST"
 du -ch "$DEST"/*.whl | tail -1
