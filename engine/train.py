@@ -320,7 +320,7 @@ def run(recipe: Recipe) -> dict:
             max_norm = tc.max_grad_norm if tc.max_grad_norm is not None else float("inf")
             grad_norm = dist.clip_grad_norm(params, max_norm)  # = clip_grad_norm_ (FSDP2: over all shards)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                raise NonFiniteLoss(f"loss at step {step + 1}: loss={loss} grad_norm={grad_norm}")
+                raise NonFiniteLoss(f"loss or gradients at step {step + 1}: loss={loss} grad_norm={grad_norm}")
 
             # step: AdamW update of A and B, then clear the gradients; an update that overflowed is never
             # kept (nor checkpointed): the run stops at the last checkpoint saved before it
