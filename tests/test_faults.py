@@ -356,3 +356,35 @@ def test_evals_out_that_is_a_directory_is_refused_before_any_work(tmp_path, caps
     f = tmp_path / "file"
     f.write_text("")
     assert cli(ev.main, "builtin:tiny-llama", "--tasks", "arithmetic", "--out", str(f / "r.json")) == 2
+
+
+# ------------------------------------------------------------------ hypothesis: any value, any key
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _leaf_keys(cls=Recipe, prefix=""):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = prefix + f.metadata.get("key", f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _leaf_keys(hints[f.name], key + ".")
+        else:
+            yield key
+
+
+VALUES = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=True, allow_infinity=True) | st.integers(-10 ** 40, 10 ** 40)
+    | st.text(max_size=12),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=2), max_leaves=5)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(st.sampled_from(sorted(_leaf_keys()) + ["train", "lora", "nope", "train.nope", "lora.r.x"]), VALUES)
+def test_any_value_for_any_key_validates_or_refuses(tmp_path_factory, key, value):
+    """Validation (--print-config stops after it) answers 0 or 2 for whatever a key is set to."""
+    import yaml
+    text = yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+    out = tmp_path_factory.getbasetemp() / "fuzz-validate"
+    assert cli(train.main, TINY, f"output_dir={out}", f"{key}={text}", "--print-config") in (0, 2), (key, text)
