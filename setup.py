@@ -24,6 +24,6 @@ setup(
         "bnb": ["bitsandbytes>=0.45"],
         "wandb": ["wandb"],
         # the peers the parity tests and benchmarks compare against
-        "test": ["pytest", "peft>=0.15", "trl>=0.20", "accelerate", "wandb", "bitsandbytes>=0.45"],
+        "test": ["pytest", "hypothesis", "peft>=0.15", "trl>=0.20", "accelerate", "wandb", "bitsandbytes>=0.45"],
     },
 )

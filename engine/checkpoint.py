@@ -21,7 +21,14 @@ adapter/ still holds the full factors, and it resumes only under fsdp2 on as man
 Atomicity: the directory is written under a temporary name and renamed into
 place once complete, so a run killed mid-save leaves the previous checkpoint
 untouched and no half checkpoint that looks complete. `trainer_state.json`
-is the last file written; a directory without it is ignored.
+is the last file written; a directory without it is ignored. Leftover `.tmp-*` and
+`.old-*` directories of a killed save are removed when the next run starts.
+
+Integrity: `trainer_state.json` records the SHA-256 of every other file of the checkpoint
+(`file_digests`) and of its own content (`checksum`). `verify_checkpoint` checks them, that
+every safetensors file opens and that the factors are finite; `find_resume_dir` with
+`resume: auto` skips a damaged newest checkpoint (with a warning naming it and why) and
+resumes from the newest intact one, which is what "the last good checkpoint" means.
 """
 from __future__ import annotations
 
@@ -33,10 +40,11 @@ import shutil
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from engine import distributed as dist
 from engine.lora import copy_lora_tensors, save_adapter
+from engine.safeio import CorruptFile, file_digest, json_checksum, load_safetensors, read_json
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -150,6 +158,10 @@ def _write_checkpoint(tmp: str, final: str, run_dir: str, step: int, optimizer, 
     if dist.mode() != "none":
         state["distributed"] = {"mode": dist.mode(), "world": dist.world()}
         state["rng_ranks"] = {str(k): meta for k, (_, meta) in enumerate(rngs[1:], start=1)}
+    # Digests of every other file, then of this JSON itself (as it reads back: tuples become lists).
+    state["file_digests"] = {rel: file_digest(os.path.join(tmp, rel)) for rel in _files_under(tmp)}
+    state = json.loads(json.dumps(state))
+    state["checksum"] = json_checksum(state)
     with open(os.path.join(tmp, STATE_FILE), "w") as f:
         json.dump(state, f, indent=1)
         f.flush()
@@ -180,16 +192,107 @@ def list_checkpoints(run_dir: str) -> list[str]:
     return [path for _, path in sorted(found)]
 
 
-def find_resume_dir(resume: str | None, run_dir: str) -> str | None:
-    """`auto`: the newest checkpoint of this run, if any. A path: that checkpoint."""
+def _files_under(root: str) -> list[str]:
+    """Paths (relative to root) of every file below it but trainer_state.json, sorted."""
+    out = []
+    for here, _, files in os.walk(root):
+        for name in files:
+            rel = os.path.relpath(os.path.join(here, name), root)
+            if rel != STATE_FILE:
+                out.append(rel)
+    return sorted(out)
+
+
+def verify_checkpoint(ckpt_dir: str) -> dict:
+    """The checkpoint's trainer state if the checkpoint is intact, else CorruptFile naming the bad file.
+
+    Intact: trainer_state.json parses and matches its checksum, every file it lists is there
+    with the same SHA-256, every safetensors file opens, and the saved factors are finite.
+    """
+    path = os.path.join(ckpt_dir, STATE_FILE)
+    if not os.path.isfile(path):
+        raise CorruptFile(f"{path}: missing (an incomplete checkpoint)")
+    state = read_json(path)
+    if not isinstance(state, dict) or "step" not in state:
+        raise CorruptFile(f"{path}: not a trainer state (no 'step')")
+    if "checksum" in state and state["checksum"] != json_checksum(state):
+        raise CorruptFile(f"{path}: content does not match its checksum (the file was changed or damaged)")
+    for rel, digest in state.get("file_digests", {}).items():
+        full = os.path.join(ckpt_dir, rel)
+        if not os.path.isfile(full):
+            raise CorruptFile(f"{full}: missing from the checkpoint")
+        if file_digest(full) != digest:
+            raise CorruptFile(f"{full}: content does not match the digest recorded at save time (damaged)")
+    read_json(os.path.join(ckpt_dir, "adapter", "adapter_config.json"))
+    adapter = os.path.join(ckpt_dir, "adapter", "adapter_model.safetensors")
+    for name, t in load_safetensors(adapter).items():
+        if not bool(torch.isfinite(t).all()):
+            raise CorruptFile(f"{adapter}: {name} holds NaN or Inf")
+    for rel in _files_under(ckpt_dir):
+        if rel.endswith(".safetensors"):
+            load_safetensors(os.path.join(ckpt_dir, rel))
+    return state
+
+
+def last_good_checkpoint(run_dir: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """(newest intact checkpoint or None, [(damaged newer checkpoint, why), ...])."""
+    skipped = []
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(ckpt)
+            return ckpt, skipped
+        except (CorruptFile, FileNotFoundError) as e:
+            skipped.append((ckpt, str(e)))
+    return None, skipped
+
+
+def find_resume_dir(resume: str | None, run_dir: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """`auto`: the newest intact checkpoint of this run, if any, and the damaged newer ones it skipped.
+    A path: that checkpoint, which must be intact (else CorruptFile naming the bad file)."""
     if resume is None:
-        return None
+        return None, []
     if resume == "auto":
-        ckpts = list_checkpoints(run_dir)
-        return ckpts[-1] if ckpts else None
+        found, skipped = last_good_checkpoint(run_dir)
+        if skipped and found is None:
+            raise CorruptFile(f"train.resume: no intact checkpoint in {run_dir}: {skipped[0][1]}")
+        return found, skipped
     if not os.path.isfile(os.path.join(resume, STATE_FILE)):
         raise ValueError(f"train.resume: {resume} is not a complete checkpoint (no {STATE_FILE})")
-    return resume
+    verify_checkpoint(resume)
+    return resume, []
+
+
+def set_aside(damaged: list[tuple[str, str]]) -> None:
+    """Rename damaged checkpoints to step-NNNNNN.damaged: kept on disk for inspection, but no longer
+    taken for the newest one (so pruning never deletes an intact checkpoint in their favour)."""
+    for ckpt, _ in damaged:
+        target = ckpt + ".damaged"
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.replace(ckpt, target)
+
+
+def remove_stale_temporaries(run_dir: str) -> list[str]:
+    """Delete what a killed write leaves behind: checkpoints/.tmp-* and *.old-* directories, and the
+    `<file>.tmp-<pid>` / `<file>.<pid>.tmp` files of atomic writes in the run directory."""
+    removed = []
+    root = os.path.join(run_dir, "checkpoints")
+    for parent, stale in ((root, lambda n: n.startswith(".tmp-") or ".old-" in n),
+                          (run_dir, lambda n: ".tmp-" in n or n.endswith((".tmp", ".tmp.png")))):
+        if not os.path.isdir(parent):
+            continue
+        for name in sorted(os.listdir(parent)):
+            full = os.path.join(parent, name)
+            if stale(name):
+                shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
+                removed.append(full)
+    adapter = os.path.join(run_dir, "adapter")
+    if os.path.isdir(adapter):
+        for name in os.listdir(adapter):
+            if name.endswith(".tmp"):
+                os.remove(os.path.join(adapter, name))
+                removed.append(os.path.join(adapter, name))
+    return removed
 
 
 def load_checkpoint(ckpt_dir: str, model, optimizer) -> dict:
@@ -197,8 +300,7 @@ def load_checkpoint(ckpt_dir: str, model, optimizer) -> dict:
 
     With several ranks every rank calls this; each restores its own RNG stream.
     """
-    with open(os.path.join(ckpt_dir, STATE_FILE)) as f:
-        state = json.load(f)
+    state = read_json(os.path.join(ckpt_dir, STATE_FILE))
     saved = state.get("distributed", {"mode": "none", "world": 1})
     if saved["mode"] == "fsdp2" and (dist.mode(), dist.world()) != ("fsdp2", saved["world"]):
         raise ValueError(f"train.resume: {ckpt_dir} holds fsdp2 shards from {saved['world']} ranks; it resumes only "
@@ -211,14 +313,14 @@ def load_checkpoint(ckpt_dir: str, model, optimizer) -> dict:
         dist.load_sharded(os.path.join(ckpt_dir, dist.SHARDED_DIR), model, optimizer, state["optimizer_param_groups"])
     else:
         adapter_file = os.path.join(ckpt_dir, "adapter", "adapter_model.safetensors")
-        copy_lora_tensors(model, load_file(adapter_file), adapter_file)
-        _load_optimizer(optimizer, load_file(os.path.join(ckpt_dir, "optimizer.safetensors")),
+        copy_lora_tensors(model, load_safetensors(adapter_file), adapter_file)
+        _load_optimizer(optimizer, load_safetensors(os.path.join(ckpt_dir, "optimizer.safetensors")),
                         state["optimizer_param_groups"])
     k = dist.rank()
     if k == 0:
-        _set_rng_state(load_file(os.path.join(ckpt_dir, "rng.safetensors")), state["rng"])
+        _set_rng_state(load_safetensors(os.path.join(ckpt_dir, "rng.safetensors")), state["rng"])
     elif os.path.isfile(os.path.join(ckpt_dir, f"rng-rank{k}.safetensors")):
-        _set_rng_state(load_file(os.path.join(ckpt_dir, f"rng-rank{k}.safetensors")), state["rng_ranks"][str(k)])
+        _set_rng_state(load_safetensors(os.path.join(ckpt_dir, f"rng-rank{k}.safetensors")), state["rng_ranks"][str(k)])
     if saved["world"] != dist.world():
         print(f"note: {ckpt_dir} was written on {saved['world']} rank(s), this run has {dist.world()}: the same "
               f"samples per step (batch_size is global), but ranks without a saved RNG state start fresh "

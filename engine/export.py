@@ -37,7 +37,6 @@ or a hub id). The work runs on the CPU, in fp32.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -51,6 +50,7 @@ from engine.lora import CONFIG_FILE, load_adapter, merge_lora
 from engine.models import load_model_and_tokenizer
 from engine.qlora import BLOCKSIZE
 from engine.recipe import ModelConfig
+from engine.safeio import read_json
 
 
 @torch.no_grad()
@@ -109,8 +109,8 @@ def _adapter_base_model(adapter_dir: str) -> str:
     path = os.path.join(adapter_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: adapter config not found")
-    with open(path) as f:
-        name = json.load(f).get("base_model_name_or_path")
+    raw = read_json(path)  # engine.safeio: damaged -> one error naming the file
+    name = raw.get("base_model_name_or_path") if isinstance(raw, dict) else None
     if not name:
         raise ValueError(f"{path}: no base_model_name_or_path; pass --model")
     return name

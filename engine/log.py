@@ -17,6 +17,8 @@ import sys
 
 from tqdm import tqdm
 
+from engine.safeio import CorruptFile
+
 
 class RunLog:
     def __init__(self, run_dir: str, total_steps: int, start_step: int, progress_bar: bool,
@@ -69,10 +71,30 @@ class RunLog:
 
 
 def read_metrics(path: str) -> list[dict]:
+    """The rows of metrics.jsonl.
+
+    A torn last line (the run was killed while writing it) is dropped with a warning: it is
+    the one row a kill can leave half-written, and resume rewrites the file past the resumed
+    step anyway. A bad line before the last is damage, not a kill: CorruptFile naming it.
+    """
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, "rb") as f:
+        lines = [(n, raw) for n, raw in enumerate(f.read().split(b"\n"), 1) if raw.strip()]
+    rows = []
+    for i, (n, raw) in enumerate(lines):
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            if i == len(lines) - 1:
+                print(f"warning: {path}:{n}: dropping a torn last line (an interrupted write)", file=sys.stderr)
+                break
+            raise CorruptFile(f"{path}:{n}: not a metrics row ({' '.join(str(e).split())[:80]}); "
+                              f"fix or delete that line") from None
+        rows.append(row)
+    return rows
 
 
 def _truncate_after(path: str, step: int) -> None:

@@ -29,10 +29,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from kernels.lora_linear import lora_linear
 from engine.recipe import LoRAConfig
+from engine.safeio import load_safetensors, read_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -277,11 +278,9 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> LoRAConfig:
     path = os.path.join(adapter_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: adapter config not found")
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    raw = read_json(path)  # engine.safeio: damaged -> one error naming the file
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object")
     if raw.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type is {raw.get('peft_type')!r}, only 'LORA' is supported")
     for key in _UNSUPPORTED:
@@ -305,7 +304,7 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> LoRAConfig:
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"{weights}: adapter weights not found")
     # Older peft files keep the adapter name in the key: ....lora_A.default.weight
-    loaded = {re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", k): v for k, v in load_file(weights).items()}
+    loaded = {re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", k): v for k, v in load_safetensors(weights).items()}
     copy_lora_tensors(model, loaded, weights)
     return cfg
 

@@ -45,6 +45,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GgufConfig, Llama
                           PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast)
 
 from engine.recipe import ModelConfig
+from engine.safeio import check_model_dir
 
 BUILTIN_MODELS = ("builtin:tiny-llama",)
 SMOLLM2_NAME = "smollm2-135m-instruct"
@@ -193,6 +194,11 @@ def _load_gguf(gguf_path: str, root: str, dtype: torch.dtype):
         start = time.perf_counter()
         convert_gguf(gguf_path, cache)
         print(f"model: converted in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    try:
+        check_model_dir(cache)
+    except ValueError as e:  # a damaged conversion (e.g. the disk filled up): derived data, so say how to redo it
+        raise ValueError(f"model.name: the cached conversion of {gguf_path} is damaged ({e}); delete {cache} "
+                         f"to convert again") from None
     model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(cache)
     return model, tokenizer
@@ -204,6 +210,8 @@ def _load_hf(cfg: ModelConfig, dtype: torch.dtype):
     # Hub ids are `name` or `org/name`; anything else that looks like a path must be a directory.
     if not local and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise FileNotFoundError(f"model.name: local directory not found: {name!r}")
+    if local:
+        check_model_dir(name)  # a truncated or damaged weights file: one error naming it, not a traceback
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=cfg.revision,
                                                   trust_remote_code=cfg.trust_remote_code)

@@ -43,7 +43,8 @@ from typing import Optional, Union
 
 import yaml
 
-from engine.recipe import RecipeError, _build, _set_dotted, parse_overrides
+from engine.recipe import RecipeError, _build, _set_dotted, check_output_dir, parse_overrides
+from engine.safeio import read_yaml
 
 
 class PipelineStepFailed(RuntimeError):
@@ -84,20 +85,21 @@ class PipelineConfig:
 
 
 def is_pipeline(path: str) -> bool:
-    with open(path) as f:
-        raw = yaml.safe_load(f)
+    raw = read_yaml(path)  # a damaged file: CorruptFile naming it (exit 2)
     return isinstance(raw, dict) and "pipeline" in raw
 
 
 def load_pipeline(path: str, overrides: list[str] = ()) -> PipelineConfig:
-    with open(path) as f:
-        raw = yaml.safe_load(f)
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a pipeline recipe must be a YAML mapping")
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(raw, key, value)
     if set(raw) != {"pipeline"}:
         extra = sorted(set(raw) - {"pipeline"})
         raise RecipeError(f"unknown key '{extra[0]}' (a pipeline recipe holds only 'pipeline')")
     cfg = _build(PipelineConfig, raw["pipeline"], "pipeline.")
+    check_output_dir(cfg.output_dir, "pipeline.output_dir")
     for name, stage in cfg.stages.items():
         if not os.path.isfile(stage.recipe):
             raise RecipeError(f"pipeline.stages.{name}.recipe: file not found: {stage.recipe}")

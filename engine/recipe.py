@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -27,9 +28,29 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from engine.safeio import CorruptFile, read_yaml
+
 
 class RecipeError(ValueError):
     """A problem with a recipe; its message is one line that names the key or file."""
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+
+
+def check_output_dir(path: str, key: str) -> None:
+    """An output directory must be a directory, or not exist yet under a directory (checked before any work)."""
+    if path == "":
+        raise RecipeError(f"{key}: must not be empty")
+    here = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(here) and not os.path.isdir(here):
+        raise RecipeError(f"{key}: {path} exists and is not a directory")
+    while not os.path.exists(here):  # the nearest existing ancestor must be a directory we may write in
+        here = os.path.dirname(here)
+    if not os.path.isdir(here):
+        raise RecipeError(f"{key}: {path} cannot be created: {here} is a file")
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise RecipeError(f"{key}: {path}: {here} is not writable")
 
 
 def _help(text: str, **extra) -> dict:
@@ -284,6 +305,8 @@ def _coerce(value: Any, tp, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise RecipeError(f"{key}: expected an integer, got {value!r}")
+        if not -2**63 <= value < 2**63:  # counts and seeds go to int64 tensors and numpy
+            raise RecipeError(f"{key}: {value} is outside the int64 range")
         return value
     if tp is float:
         # YAML reads 1e-4 (no dot) as a string; accept numeric strings for floats.
@@ -294,7 +317,15 @@ def _coerce(value: Any, tp, key: str) -> Any:
                 raise RecipeError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        # Every number of a recipe ends up in fp32 tensors (lr, betas, scales): inf, nan or a value
+        # past fp32's range (|x| > 3.4e38) would overflow there, far from the key that caused it.
+        if isinstance(value, int) and abs(value) > FLOAT32_MAX:
+            raise RecipeError(f"{key}: {value!r} is outside the float32 range (|x| <= {FLOAT32_MAX:.4g})")
+        value = float(value)
+        if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+            raise RecipeError(f"{key}: must be a finite number within the float32 range "
+                              f"(|x| <= {FLOAT32_MAX:.4g}), got {value!r}")
+        return value
     if tp is str:
         if not isinstance(value, str):
             raise RecipeError(f"{key}: expected a string, got {value!r}")
@@ -371,6 +402,7 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
 
 def _check_semantics(recipe: Recipe) -> None:
     """Rules that span several keys or touch the file system."""
+    check_output_dir(recipe.output_dir, "output_dir")
     src = recipe.data.source
     for key, value in (("data.source", src), ("data.eval_source", recipe.data.eval_source)):
         if value is None or value.startswith(("builtin:", "hf:")):
@@ -414,12 +446,9 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
     if not os.path.isfile(path):
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise RecipeError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        raw = read_yaml(path) or {}
+    except CorruptFile as e:  # not UTF-8, not YAML: one line naming the file and line
+        raise RecipeError(str(e)) from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping")
     for key, value in parse_overrides(list(overrides)):

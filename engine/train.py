@@ -16,8 +16,10 @@ Several GPUs: `torchrun --nproc_per_node N -m engine.train recipe.yaml train.dis
 (or fsdp2). The loop below is the same; the lines marked `dist:` shard the data, sum the
 step's counts, gradients and stats over ranks, and keep files to rank 0 (engine/distributed.py).
 
-Exit status: 0 done, 2 bad input (one `error:` line on stderr), 3 the loss
-became NaN/Inf (the last good checkpoint is kept).
+Exit status: 0 done, 2 bad input or a damaged file (one `error:` line on stderr that names
+the key or file; nothing is written before a run is accepted), 3 the loss, the gradients or
+the updated weights became NaN/Inf (no such update is checkpointed; the error names the last
+good checkpoint, which is verified intact and finite, so it resumes).
 """
 from __future__ import annotations
 
@@ -35,11 +37,12 @@ import torch
 import yaml
 
 from engine import distributed as dist
-from engine.checkpoint import find_resume_dir, list_checkpoints, load_checkpoint, save_checkpoint
+from engine.checkpoint import (find_resume_dir, last_good_checkpoint, list_checkpoints, load_checkpoint,
+                               remove_stale_temporaries, save_checkpoint, set_aside, verify_checkpoint)
 from functools import partial
 
 from engine.data import Batches, PairBatches, encode_all, encode_pairs, load_examples, load_preference_examples
-from engine.log import RunLog, plot_loss
+from engine.log import RunLog, plot_loss, read_metrics
 from engine.lora import apply_lora, kernel_routes_line, lora_parameters, save_adapter, set_kernels
 from engine.losses import dpo_loss
 from engine.models import cache_root, describe, load_model_and_tokenizer
@@ -58,6 +61,20 @@ REJECTED_TOKENS = 64  # length of the base model's own answers used as builtin:h
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+@torch.no_grad()
+def weights_finite(params) -> bool:
+    """True if every trainable weight is finite: one fused pass (torch._foreach_norm: a few kernel
+    launches on CUDA for all tensors, or one for a flat buffer of factors) and one sync.
+
+    A NaN or Inf anywhere makes its tensor's L2 norm non-finite; so does an entry beyond ~1e19
+    (its square overflows fp32), which is no trainable weight either: the next forward would
+    overflow. FSDP2's sharded parameters are checked shard by shard (the caller sums over ranks).
+    """
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    norms = torch._foreach_norm([p.detach() for p in local if p.numel()])
+    return bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
 
 
 def pick_device(name: str) -> torch.device:
@@ -171,7 +188,6 @@ def check_initial_dpo_loss(value: float, cfg, log: RunLog) -> None:
 def run(recipe: Recipe) -> dict:
     tc = recipe.train
     run_dir = recipe.output_dir
-    os.makedirs(run_dir, exist_ok=True)
     device = dist.init(tc.distributed, pick_device(tc.device))  # dist: join torchrun's processes (none: no-op)
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -181,13 +197,19 @@ def run(recipe: Recipe) -> dict:
     # bf16 autocast on GPU; CPU runs in the weights' dtype (fp32 by default).
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
 
-    # Refuse to silently overwrite an earlier run's checkpoints.
-    resume_dir = find_resume_dir(tc.resume, run_dir)
+    # ---- everything that can refuse the run, before the first write (a refused run writes nothing):
+    # the checkpoint to resume (intact, same run) and the run's metrics log.
+    resume_dir, damaged = find_resume_dir(tc.resume, run_dir)  # resume=auto skips damaged newer checkpoints
+    for ckpt, why in damaged:
+        print(f"warning: train.resume=auto: skipping damaged checkpoint {ckpt} ({why}); "
+              f"it is set aside as {os.path.basename(ckpt)}.damaged", file=sys.stderr)
     if resume_dir is None and list_checkpoints(run_dir):
         raise ValueError(f"output_dir: {run_dir} already holds checkpoints; set train.resume=auto to continue "
                          f"that run, or choose another output_dir")
-    if dist.is_main():
-        _write_text(os.path.join(run_dir, "recipe.yaml"), yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    if resume_dir:
+        _check_same_run(verify_checkpoint(resume_dir).get("run_fingerprint", {}), run_fingerprint(recipe),
+                        resume_dir)
+        read_metrics(os.path.join(run_dir, "metrics.jsonl"))  # a damaged log refuses here, not mid-run
 
     # ---- model, tokenizer, LoRA
     model, tokenizer = load_model_and_tokenizer(recipe.model, device)
@@ -228,11 +250,19 @@ def run(recipe: Recipe) -> dict:
              "exact_match_before": None}
     if resume_dir:
         state.update(load_checkpoint(resume_dir, model, optimizer))
-        _check_same_run(state.get("run_fingerprint", {}), run_fingerprint(recipe), resume_dir)
         print(f"resumed from {resume_dir} at step {state['step']}")
     start_step = state.get("step", 0)
-    if start_step == 0 and dist.is_main() and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-        os.remove(os.path.join(run_dir, "metrics.jsonl"))
+
+    # ---- the first write: the run directory, cleared of a killed run's half-written leftovers
+    if dist.is_main():
+        os.makedirs(run_dir, exist_ok=True)
+        for path in remove_stale_temporaries(run_dir):
+            print(f"note: removed {path}, left by an interrupted write")
+        set_aside(damaged)
+        _write_text(os.path.join(run_dir, "recipe.yaml"), yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+        if start_step == 0 and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+            os.remove(os.path.join(run_dir, "metrics.jsonl"))
+    dist.barrier()
 
     if recipe.eval.exact_match and state["exact_match_before"] is None:
         state["exact_match_before"] = _exact_match(model, tokenizer, eval_rows, recipe)["exact_match"]
@@ -293,12 +323,16 @@ def run(recipe: Recipe) -> dict:
             max_norm = tc.max_grad_norm if tc.max_grad_norm is not None else float("inf")
             grad_norm = dist.clip_grad_norm(params, max_norm)  # = clip_grad_norm_ (FSDP2: over all shards)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                raise NonFiniteLoss(f"step {step + 1}: loss={loss} grad_norm={grad_norm}")
+                raise NonFiniteLoss(f"loss or gradients at step {step + 1}: loss={loss} grad_norm={grad_norm}")
 
-            # step: AdamW update of A and B, then clear the gradients
+            # step: AdamW update of A and B, then clear the gradients; an update that overflowed is never
+            # kept (nor checkpointed): the run stops at the last checkpoint saved before it
             optimizer.step()
             optimizer.zero_grad()  # ProxAdamW zeroes its flat gradient buffer in place: the .grad views stay
             step += 1
+            if dist.all_reduce_sum(0 if weights_finite(params) else 1):  # dist: stop on every rank together
+                raise NonFiniteLoss(f"weights after step {step}: the update overflowed (loss before it {loss:.4g}, "
+                                    f"grad_norm {grad_norm:.4g})")
             if l1.lam > 0 and l1.on == "factors":  # the prox step optimises λ Σ|p| over A and B
                 stats["l1"] = l1.lam * l1_norm_of(params)
                 stats["zero_fraction"] = zero_fraction(params)
@@ -335,10 +369,13 @@ def run(recipe: Recipe) -> dict:
                 checkpoint(step)
     except NonFiniteLoss as e:
         log.close()
-        last = list_checkpoints(run_dir)
-        where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was saved yet"
-        print(f"error: non-finite loss at {e}; training stopped, {where}. "
-              f"Try a lower train.lr or train.max_grad_norm.", file=sys.stderr)
+        dist.barrier()
+        last, _ = last_good_checkpoint(run_dir)  # intact and finite, so it resumes
+        where = (f"the last good checkpoint is {last} (train.resume={last} continues from it)" if last
+                 else "no checkpoint was saved yet")
+        if dist.is_main():
+            print(f"error: non-finite {e}; training stopped, {where}. "
+                  f"Try a lower train.lr or train.max_grad_norm.", file=sys.stderr)
         raise
     log.close()
 
@@ -441,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         return 3
-    except (RecipeError, ValueError, FileNotFoundError, ImportError, PipelineStepFailed) as e:
+    except (RecipeError, ValueError, OSError, ImportError, PipelineStepFailed) as e:  # OSError: disk full, ...
         if args.debug:
             raise
         message = " ".join(str(e).split())  # one line, whatever the exception carried

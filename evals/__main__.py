@@ -91,6 +91,19 @@ def write_json_atomic(obj, path: str) -> None:
             os.remove(tmp)
 
 
+def check_out_file(path: str) -> None:
+    """--out must name a file we can create or replace: not a directory, under a writable directory."""
+    if os.path.isdir(path):
+        raise ValueError(f"--out: {path} is a directory; give the results file's path, e.g. {path}/results.json")
+    here = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(here):
+        here = os.path.dirname(here)
+    if not os.path.isdir(here):
+        raise ValueError(f"--out: {path} cannot be created: {here} is a file")
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise ValueError(f"--out: {path}: {here} is not writable")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m evals", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
+        check_out_file(a.out)  # before any work: a results file the evaluation could not write is lost
         tasks = parse_tasks(a.tasks)
         data = parse_data(a.data, tasks)
         if a.limit is not None and a.limit < 1:

@@ -9,6 +9,7 @@ import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from engine.safeio import is_clean_text, read_text
 from evals.exact_match import prompt_text
 
 
@@ -42,17 +43,18 @@ class EvalArgs:
 def read_jsonl(path: str) -> list[dict]:
     """The rows of a JSONL file; a line that is not a JSON object is an error naming the line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {n}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    for n, line in enumerate(read_text(path).split("\n"), 1):  # read_text: not UTF-8 is an error naming the file
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {n}: not valid JSON ({e})") from None
+        if not is_clean_text(row):
+            raise ValueError(f"{path} line {n}: holds a lone surrogate (\\ud800-\\udfff), not text")
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 

@@ -12,12 +12,12 @@ TARGET is one of
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
 from engine.lora import CONFIG_FILE, load_adapter
+from engine.safeio import read_json
 from engine.models import load_model_and_tokenizer
 from engine.recipe import ModelConfig
 
@@ -25,8 +25,10 @@ from engine.recipe import ModelConfig
 def adapter_base(adapter_dir: str) -> str:
     """base_model_name_or_path from an adapter's config."""
     path = os.path.join(adapter_dir, CONFIG_FILE)
-    with open(path) as f:
-        name = json.load(f).get("base_model_name_or_path")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: adapter config not found")
+    raw = read_json(path)  # damaged: one error naming the file
+    name = raw.get("base_model_name_or_path") if isinstance(raw, dict) else None
     if not name:
         raise ValueError(f"{path}: no base_model_name_or_path; pass --base NAME")
     return name

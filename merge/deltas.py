@@ -23,7 +23,6 @@ Every problem is a MergeError whose message names the model and the tensor.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -32,6 +31,8 @@ import tempfile
 
 import torch
 from safetensors import safe_open
+
+from engine.safeio import CorruptFile, read_json
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -67,8 +68,9 @@ class Checkpoint:
             raise MergeError(f"{label}: directory not found: {path}")
         index = os.path.join(path, INDEX_FILE)
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]  # tensor name -> shard file
+            weight_map = _read_json(index, label).get("weight_map")  # tensor name -> shard file
+            if not isinstance(weight_map, dict):
+                raise MergeError(f"{label}: {index} has no weight_map")
         else:
             files = [SINGLE_FILE] if os.path.isfile(os.path.join(path, SINGLE_FILE)) else \
                 sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
@@ -87,8 +89,7 @@ class Checkpoint:
         path = os.path.join(self.path, "config.json")
         if not os.path.isfile(path):
             return {}
-        with open(path) as f:
-            return json.load(f)
+        return _read_json(path, self.label)
 
     def _open(self, file: str):
         handles = self._files
@@ -150,17 +151,24 @@ _UNSUPPORTED = ("use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "
                 "lora_bias", "layer_replication", "target_parameters", "trainable_token_indices")
 
 
+def _read_json(path: str, label: str) -> dict:
+    """A JSON object from `path`; damaged (not UTF-8, not JSON, not an object): MergeError naming it."""
+    try:
+        obj = read_json(path)
+    except (OSError, CorruptFile) as e:
+        raise MergeError(f"{label}: cannot read {path}: {e}") from None
+    if not isinstance(obj, dict):
+        raise MergeError(f"{label}: {path}: expected a JSON object")
+    return obj
+
+
 class Adapter:
     """A peft-format LoRA adapter: τ of each targeted weight computed on demand."""
 
     def __init__(self, path: str, label: str):
         self.path, self.label = path, label
         cfg_path = os.path.join(path, ADAPTER_CONFIG)
-        try:
-            with open(cfg_path) as f:
-                cfg = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise MergeError(f"{label}: cannot read {cfg_path}: {e}") from None
+        cfg = _read_json(cfg_path, label)
         if cfg.get("peft_type", "LORA") != "LORA":
             raise MergeError(f"{label}: peft_type {cfg.get('peft_type')!r}: only LORA adapters can be merged")
         for key in _UNSUPPORTED:

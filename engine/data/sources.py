@@ -23,8 +23,9 @@ shares `load_rows`, `select_part` and `check_bad_rows` with this file.
 """
 from __future__ import annotations
 
-import json
 import random
+
+from engine.safeio import read_jsonl_rows
 
 from .arithmetic import arithmetic_rows
 
@@ -43,18 +44,9 @@ def load_rows(source: str, cfg, split: str) -> list:
                                    data_files=cfg.data_files, split=split)
         return list(ds)
     if source.endswith(".jsonl"):
-        with open(source, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-        while lines and not lines[-1].strip():  # blank lines at the end are not rows
-            lines.pop()
-        # Row i is line i + 1, so a bad row is easy to find in the file.
-        rows = []
-        for line in lines:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                rows.append(None)
-        return rows
+        # Row i is line i + 1, so a bad row is easy to find in the file; a line that is not UTF-8,
+        # not JSON or holds a lone surrogate is a malformed row (None).
+        return read_jsonl_rows(source)
     raise ValueError(f"data: unknown source {source!r} (expected builtin:arithmetic, a .jsonl file or hf:<path>)")
 
 
