@@ -334,7 +334,7 @@ def unknown_key_error(key: str, prefix: str, known: list[str], root=None, sectio
     in the recipe (`root` = (schema, prefix)) whose last part is `key` (`distributed` at the top is
     'train.distributed', `lr` under lora is 'train.lr'), or failing that, is a near spelling of it
     (`train.lamda` -> 'l1.lambda'). A section name (`sections`) is a weak guess for a misplaced
-    leaf, so it is dropped when a real path elsewhere matches."""
+    leaf, and so is a weak local typo guess, when a real path elsewhere matches."""
     elsewhere = []
     if root is not None:
         others = [p for p in schema_paths(*root) if p != prefix + key]
@@ -344,11 +344,25 @@ def unknown_key_error(key: str, prefix: str, known: list[str], root=None, sectio
             elsewhere = [p for p in others if near and p.rsplit(".", 1)[-1] == near[0]]
     hints = []
     close = _closest(key, known)
-    if close is not None and not (close in sections and elsewhere):
+    if close is not None and elsewhere:  # a real key elsewhere: keep only a strong local guess
+        strong = close.startswith(key) or key.startswith(close) or _one_edit(key, close) or \
+            difflib.SequenceMatcher(None, key, close).ratio() >= 0.75
+        close = close if strong and close not in sections else None
+    if close is not None:
         hints.append(prefix + close)
     hints += [p for p in elsewhere if p not in hints][:3]
     hint = f" (did you mean {' or '.join(repr(h) for h in hints)}?)" if hints else ""
     return RecipeError(f"unknown key '{prefix}{key}'{hint}")
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """a and b differ by one inserted, deleted or replaced character (lr / r, dtyp / dtype)."""
+    if abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        return sum(x != y for x, y in zip(a, b)) == 1
+    short, long_ = sorted((a, b), key=len)
+    return any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
 
 
 def _yaml_key(f: dataclasses.Field) -> str:
