@@ -73,8 +73,8 @@ class RoundingLoss:
     def summary(self) -> str:
         name = str(self.dtype).removeprefix("torch.")
         worst = f"; worst tensor {self.worst[1]} ({100 * self.worst[0]:.3g}%)" if self.worst[1] else ""
-        return (f"{name} keeps the update up to {100 * self.lost:.3g}% of ||delta|| "
-                f"({100 * self.erased_share:.3g}% of its {self.changed:,} nonzero entries erased{worst})")
+        return (f"{name} loses {100 * self.lost:.3g}% of the update (||round(W+delta) - W - delta|| / ||delta||; "
+                f"{100 * self.erased_share:.3g}% of its {self.changed:,} nonzero entries erased{worst})")
 
     def as_dict(self) -> dict:
         return {"dtype": str(self.dtype).removeprefix("torch."), "lost": self.lost,
