@@ -1,12 +1,23 @@
 """Merge a LoRA or QLoRA adapter into its base model and save a plain Hugging Face model directory.
 
-    python -m engine.export ADAPTER_DIR --out DIR --base original|nf4 [--model NAME] [--dtype D] [--no-double-quant]
+    python -m engine.export ADAPTER_DIR --out DIR --base original|nf4 [--model NAME] [--dtype D]
+                            [--out-dtype auto|float32|bfloat16|float16] [--allow-lossy] [--overwrite]
+                            [--no-double-quant]
 
 Merging folds the update into each adapted weight, W' = W + s · B A, so the result is an
 ordinary model (model.safetensors, config.json, tokenizer files) that
 `AutoModelForCausalLM.from_pretrained(DIR)` loads with no adapter and no peft. The sum is
-taken in fp32 and rounded to bf16 once (adding a small update to a bf16 W in bf16 would lose
-most of it).
+taken in fp32 and rounded once to the output dtype.
+
+Which output dtype? Rounding W + δ (δ = s·B A) to bf16 drops every part of δ smaller than half
+a bf16 ulp of W, and a LoRA update is often that small: on the quickstart's adapters bf16
+loses most of the update (merge/rounding.py defines the measure, README Reliability has the
+numbers). So the default, --out-dtype auto, is float32, or the base's own stored dtype when
+it is a 16-bit one AND it keeps the update to within 1 % of ||δ||. Whatever the dtype, the
+share of ||δ|| the rounding loses is measured and printed; an explicit 16-bit --out-dtype
+that loses more than 1 % is refused (exit 2) unless --allow-lossy.
+
+An existing --out is refused unless --overwrite (as `python -m merge` does).
 
 Which W? A QLoRA adapter (lora.quantize_base: nf4) was trained against the NF4 base
 W_nf4 = dequant(quant(W)), not against W, and the two merges give different models:
@@ -46,11 +57,12 @@ import torch
 import torch.nn as nn
 
 from kernels.nf4 import dequantize_nf4, quantize_nf4
-from engine.lora import CONFIG_FILE, load_adapter, merge_lora
+from engine.lora import CONFIG_FILE, _lora_modules, load_adapter, merge_lora
 from engine.models import load_model_and_tokenizer
 from engine.qlora import BLOCKSIZE
 from engine.recipe import ModelConfig
 from engine.safeio import read_json
+from merge.rounding import LOSSY_BOUND, RoundingLoss
 
 
 @torch.no_grad()
@@ -66,9 +78,41 @@ def nf4_round_trip(model: nn.Module, double_quant: bool = True) -> list[str]:
     return names
 
 
+def rounding_losses(model: nn.Module, dtypes: list[torch.dtype]) -> dict[torch.dtype, RoundingLoss]:
+    """For each dtype, how much of every LoRA layer's update δ = s·B A survives round(W + δ)
+    (merge/rounding.py), one layer at a time; call before merge_lora, on the fp32 model."""
+    losses = {d: RoundingLoss(d) for d in dtypes}
+    with torch.no_grad():
+        for name, m in _lora_modules(model):
+            W = m.base_layer.weight.float()  # (out, in), as the base stores it (fp32 holds bf16 exactly)
+            merged = W + (m.lora_B.weight.float() @ m.lora_A.weight.float()) * m.scaling  # (out, r) @ (r, in)
+            for loss in losses.values():
+                loss.add(name + ".weight", merged, W)
+    return losses
+
+
+def stored_dtype(name: str) -> torch.dtype | None:
+    """The dtype a base model's weights are stored in (its config's dtype), None if unknown.
+    GGUF files are converted to fp32 (engine.models) and the builtin model is fp32."""
+    from engine.models import resolve_gguf
+    if name.startswith("builtin:") or resolve_gguf(name) is not None:
+        return torch.float32
+    try:
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(name)
+    except Exception:  # a hub id offline, an odd directory: fall back to fp32, which keeps everything
+        return None
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else None
+
+
 def merged_model(adapter_dir: str, base: str, model_name: str | None = None, dtype: str = "float32",
-                 double_quant: bool = True):
-    """(fp32 model with the adapter folded into `base` = 'original' | 'nf4', tokenizer)."""
+                 double_quant: bool = True, out_dtype: str | None = None):
+    """(fp32 model with the adapter folded into `base` = 'original' | 'nf4', tokenizer).
+    With `out_dtype` ('auto' or a dtype name) also (the dtype to save in, its RoundingLoss):
+    see choose_dtype."""
     if base not in ("original", "nf4"):
         raise ValueError(f"--base: expected 'original' or 'nf4', got {base!r}")
     name = model_name or _adapter_base_model(adapter_dir)
@@ -77,18 +121,51 @@ def merged_model(adapter_dir: str, base: str, model_name: str | None = None, dty
         nf4_round_trip(model, double_quant)  # quantized in `dtype`, as in training; now fp32
     model.float()  # the rest of the model (embedding, norms, head) to fp32 as well: exact
     load_adapter(model, adapter_dir)
+    chosen = None if out_dtype is None else choose_dtype(model, out_dtype, name)
     merge_lora(model)  # W + s · B A in fp32
-    return model, tokenizer
+    return (model, tokenizer) if chosen is None else (model, tokenizer, *chosen)
+
+
+def choose_dtype(model: nn.Module, out_dtype: str, name: str) -> tuple[torch.dtype, RoundingLoss]:
+    """'auto': the base's own 16-bit dtype if it keeps the update within LOSSY_BOUND, else fp32.
+    A named dtype is taken as asked; its loss is returned for the caller to judge."""
+    if out_dtype != "auto":
+        d = getattr(torch, out_dtype)
+        return d, rounding_losses(model, [d])[d]
+    own = stored_dtype(name)
+    if own in (torch.bfloat16, torch.float16):
+        loss = rounding_losses(model, [own])[own]
+        if loss.lost <= LOSSY_BOUND:
+            return own, loss
+        print(f"export: the base's own {str(own).removeprefix('torch.')} would lose too much "
+              f"({loss.summary()}); saving float32", file=sys.stderr)
+    return torch.float32, rounding_losses(model, [torch.float32])[torch.float32]
+
+
+class LossyExport(ValueError):
+    """The chosen 16-bit dtype would lose more than LOSSY_BOUND of the update (exit 2)."""
 
 
 def export(adapter_dir: str, out_dir: str, base: str, model_name: str | None = None, dtype: str = "float32",
-           double_quant: bool = True, out_dtype: str = "bfloat16") -> str:
-    """Merge (see merged_model), round once to out_dtype (bf16 by default; float32 keeps the merge
-    exact, as the PAFT pipeline's sequential baseline needs) and save model + config + tokenizer
-    into out_dir: written under a temporary name and renamed (file by file into an existing
-    out_dir, config.json last), so a reader never finds config.json beside half the weights."""
-    model, tokenizer = merged_model(adapter_dir, base, model_name, dtype, double_quant)
-    model.to(getattr(torch, out_dtype))
+           double_quant: bool = True, out_dtype: str = "auto", overwrite: bool = False,
+           allow_lossy: bool = False) -> RoundingLoss:
+    """Merge (see merged_model), round once to out_dtype ('auto': see choose_dtype; float32 keeps
+    the merge exact, as the PAFT pipeline's sequential baseline needs) and save model + config +
+    tokenizer into out_dir: written under a temporary name and renamed (file by file into an
+    existing out_dir, config.json last), so a reader never finds config.json beside half the
+    weights. Returns the rounding loss of the saved dtype. Refuses an existing out_dir unless
+    `overwrite`, and a lossy 16-bit dtype unless `allow_lossy`, before anything is written."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out: {out_dir} is a file, not a directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ValueError(f"--out: {out_dir} already exists; remove it, choose another directory, or pass --overwrite")
+    model, tokenizer, chosen, loss = merged_model(adapter_dir, base, model_name, dtype, double_quant, out_dtype)
+    if loss.lost > LOSSY_BOUND:
+        what = f"--out-dtype {str(chosen).removeprefix('torch.')}: {loss.summary()}; the export would not be the trained model"
+        if not allow_lossy:
+            raise LossyExport(f"{what} (use --out-dtype float32 or auto, or pass --allow-lossy)")
+        print(f"warning: {what} (--allow-lossy)", file=sys.stderr)
+    model.to(chosen)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
@@ -102,7 +179,7 @@ def export(adapter_dir: str, out_dir: str, base: str, model_name: str | None = N
                 os.replace(os.path.join(tmp, f), os.path.join(out_dir, f))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return loss
 
 
 def _adapter_base_model(adapter_dir: str) -> str:
@@ -126,17 +203,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="base model (default: the adapter's base_model_name_or_path)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="dtype the base is loaded in; for --base nf4 the run's model.dtype (default: float32)")
-    parser.add_argument("--out-dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),
-                        help="dtype the merged weights are saved in (default: bfloat16)")
+    parser.add_argument("--out-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="dtype the merged weights are saved in (default auto: float32, or the base's own "
+                             "16-bit dtype when it keeps the update within 1%%)")
+    parser.add_argument("--allow-lossy", action="store_true",
+                        help="save a 16-bit --out-dtype even when it loses more than 1%% of the update")
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of an existing --out")
     parser.add_argument("--double-quant", default=True, action=argparse.BooleanOptionalAction,
                         help="--base nf4: the run's lora.double_quant (default: true)")
     args = parser.parse_args(argv)
     try:
-        export(args.adapter_dir, args.out, args.base, args.model, args.dtype, args.double_quant, args.out_dtype)
+        loss = export(args.adapter_dir, args.out, args.base, args.model, args.dtype, args.double_quant,
+                      args.out_dtype, args.overwrite, args.allow_lossy)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    print(f"export: {args.adapter_dir} merged into the {args.base} base, saved in {args.out_dtype} to {args.out}")
+    print(f"export: {args.adapter_dir} merged into the {args.base} base, saved to {args.out}: {loss.summary()}")
     return 0
 
 

@@ -122,6 +122,15 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int | None = None) -> li
     if _lora_modules(model):
         raise ValueError("apply_lora: the model already has LoRA layers")
     names = target_module_names(model, cfg.target_modules)
+    # r larger than a layer's smaller side is an error, not a warning: B A (out, in) has rank at most
+    # min(in, out), so the extra rank buys no capacity, still costs memory and optimizer state, and
+    # s = alpha / r shrinks the update against the r meant: most likely a typo. One key fixes it.
+    for name in names:
+        w = model.get_submodule(name).weight  # (out, in)
+        if cfg.r > min(w.shape):
+            raise ValueError(f"lora.r: {cfg.r} is more than the smaller side of {name} ({w.shape[0]} x {w.shape[1]}): "
+                             f"B A has rank at most {min(w.shape)} there, so r > {min(w.shape)} adds no capacity; "
+                             f"lower lora.r or leave that layer out of lora.target_modules")
     for p in model.parameters():
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None

@@ -23,10 +23,15 @@ SFT → DPO baseline PAFT compares against). Then each merge combines the stages
 (δ = s·B A per layer) into the base; then base, every stage and every merge are evaluated and
 one table is printed and written (results.md, results.png, results.json).
 
-Every step writes its result under output_dir and is skipped when that result already exists,
-so an interrupted pipeline resumes where it stopped (stages also resume from their own
-checkpoints). Each step is one of the engine's own command-line tools, printed before it runs,
-so each can also be rerun by hand: training stages as subprocesses (`python -m engine.train`,
+The whole recipe is checked before any step runs (engine/pipeline_spec.py): every stage's
+recipe with its overrides, every merge variant's mergekit config, the evaluation tasks.
+Every step writes its result under output_dir with a record of the spec it was made from
+(`<output>.spec.json`), and is skipped when that result exists and its spec is unchanged, so
+an interrupted pipeline resumes where it stopped (stages also resume from their own
+checkpoints) and a changed merge weight redoes that merge and its evaluation. A finished stage
+whose recipe changed is an error before any work (remove its directory to retrain it).
+Each step is one of the engine's own command-line tools, printed before it runs, so each can
+also be rerun by hand: training stages as subprocesses (`python -m engine.train`,
 a fresh process per run), the quick steps (`engine.export`, `merge`, `merge.sparsity`, `evals`)
 through their `main(argv)` in this process, which saves a Python + torch start-up for each.
 """
@@ -39,11 +44,13 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 import yaml
 
-from engine.recipe import RecipeError, _build, _set_dotted, check_output_dir, parse_overrides
+from engine import pipeline_spec as spec_check
+from engine.pipeline_spec import Record, adapter_digest
+from engine.recipe import RecipeError, _build, _set_dotted, check_output_dir, parse_overrides, unknown_key_error
 from engine.safeio import read_yaml
 
 
@@ -59,15 +66,19 @@ class StageConfig:
         "help": "a stage whose adapter is folded into the base before this one trains (sequential)"})
 
 
+_POSITIVE = (lambda v: v > 0, "must be > 0")
+
+
 @dataclass
 class EvalsConfig:
     tasks: list[str] = field(default_factory=lambda: ["arithmetic", "refusal", "over_refusal"],
                              metadata={"help": "python -m evals tasks"})
-    limit: int = field(default=50, metadata={"help": "examples per task"})
-    max_new_tokens: int = field(default=32, metadata={"help": "greedy generation length"})
-    batch_size: int = field(default=25, metadata={"help": "generation batch size"})
-    template: str = field(default="tokenizer", metadata={"help": "chat template for prompts"})
-    harmbench: str = field(default="all", metadata={
+    limit: int = field(default=50, metadata={"help": "examples per task", "check": _POSITIVE})
+    max_new_tokens: int = field(default=32, metadata={"help": "greedy generation length", "check": _POSITIVE})
+    batch_size: int = field(default=25, metadata={"help": "generation batch size", "check": _POSITIVE})
+    template: Literal["tokenizer", "vicuna", "mistral"] = field(default="tokenizer", metadata={
+        "help": "chat template for prompts"})
+    harmbench: Literal["all", "standard", "contextual"] = field(default="all", metadata={
         "help": "refusal task: HarmBench test behaviours all | standard | contextual"})
     data: list[str] = field(default_factory=list, metadata={
         "help": "TASK=FILE data for the tasks that read files (mc, gsm8k, bbh, ...), as python -m evals --data"})
@@ -81,7 +92,8 @@ class PipelineConfig:
     merges: list[dict[str, Union[str, float, list[float], list[str]]]] = field(
         default_factory=list, metadata={"help": "merge specs (method, models, weight, density, t, lambda)"})
     evals: EvalsConfig = field(default_factory=EvalsConfig, metadata={"help": "evaluation of every variant"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads for every step (0: default)"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads for every step (0: default)",
+                                              "check": (lambda v: v >= 0, "must be >= 0")})
 
 
 def is_pipeline(path: str) -> bool:
@@ -90,14 +102,17 @@ def is_pipeline(path: str) -> bool:
 
 
 def load_pipeline(path: str, overrides: list[str] = ()) -> PipelineConfig:
+    """Read, override and check a pipeline recipe whole (see engine/pipeline_spec.py): any problem is
+    a RecipeError naming its key, before anything runs."""
     raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a pipeline recipe must be a YAML mapping")
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(raw, key, value)
     if set(raw) != {"pipeline"}:
-        extra = sorted(set(raw) - {"pipeline"})
-        raise RecipeError(f"unknown key '{extra[0]}' (a pipeline recipe holds only 'pipeline')")
+        extra = sorted(set(raw) - {"pipeline"}, key=str)[0]
+        err = unknown_key_error(str(extra), "", ["pipeline"], (PipelineConfig, "pipeline."))
+        raise RecipeError(f"{err} (a pipeline recipe holds only 'pipeline')")
     cfg = _build(PipelineConfig, raw["pipeline"], "pipeline.")
     check_output_dir(cfg.output_dir, "pipeline.output_dir")
     for name, stage in cfg.stages.items():
@@ -105,17 +120,20 @@ def load_pipeline(path: str, overrides: list[str] = ()) -> PipelineConfig:
             raise RecipeError(f"pipeline.stages.{name}.recipe: file not found: {stage.recipe}")
         if stage.after is not None and stage.after not in cfg.stages:
             raise RecipeError(f"pipeline.stages.{name}.after: no stage named {stage.after!r}")
+        if stage.after is not None and cfg.stages[stage.after].after is not None:
+            raise RecipeError(f"pipeline.stages.{name}.after: {stage.after!r} is itself trained after another "
+                              f"stage; chain at most one 'after'")
+        spec_check.stage_spec(cfg, name, stage, None)  # the stage's own recipe + overrides, checked now
     for i, spec in enumerate(cfg.merges):
-        for model in spec.get("models", []):
-            if model not in cfg.stages:
-                raise RecipeError(f"pipeline.merges[{i}].models: no stage named {model!r}")
-        if "method" not in spec:
-            raise RecipeError(f"pipeline.merges[{i}]: missing 'method'")
+        spec_check.check_merge_spec(i, spec, cfg.stages)
+        for variant, params in merge_variants(spec):
+            spec_check.check_merge_variant(i, variant, mergekit_config(params, cfg.model, {n: n for n in cfg.stages}))
     names = [name for spec in cfg.merges for name, _ in merge_variants(spec)]
     clash = sorted({n for n in names if names.count(n) > 1} | (set(names) & (set(cfg.stages) | {"base"})))
     if clash:
         raise RecipeError(f"pipeline.merges: two variants would both be named {clash[0]!r} "
                           f"(give one merge a 'name')")
+    spec_check.check_evals(cfg.evals)
     return cfg
 
 
@@ -135,7 +153,11 @@ def merge_variants(spec: dict) -> list[tuple[str, dict]]:
 def mergekit_config(params: dict, base: str, adapters: dict[str, str]) -> dict:
     """The mergekit-format YAML for one merge of stage adapters into the base."""
     models = params["models"]
-    weights = params.get("weight", [1.0] * len(models))
+    weights = params.get("weight", 1.0)
+    if not isinstance(weights, list):  # one number for every model
+        weights = [weights] * len(models)
+    if len(weights) != len(models):  # load_pipeline refuses this; never zip it short
+        raise ValueError(f"merge: {len(weights)} weights for {len(models)} models")
     entries = []
     for model, weight in zip(models, weights):
         p = {} if params["method"] == "slerp" else {"weight": weight}  # slerp takes t alone
@@ -176,8 +198,44 @@ def _done(path: str) -> bool:
     return os.path.exists(path)
 
 
+def check_finished_stages(cfg: PipelineConfig) -> dict[str, Record]:
+    """Each stage's Record; a FINISHED stage whose spec changed is an error, before any work.
+
+    A stage trained `after` another records that stage's adapter too: retraining the first
+    makes the second stale. An output from before records existed is checked against the
+    recipe.yaml engine.train wrote into it, and adopted when they agree."""
+    records = {}
+    for name, stage in cfg.stages.items():
+        run_dir = os.path.join(cfg.output_dir, name)
+        folded = None if stage.after is None else os.path.join(cfg.output_dir, stage.after, "merged")
+        spec = {"recipe": spec_check.stage_spec(cfg, name, stage, folded)}
+        if stage.after is not None:
+            before = os.path.join(cfg.output_dir, stage.after, "adapter")
+            finished = _done(os.path.join(cfg.output_dir, stage.after, "summary.json"))
+            spec["after"] = adapter_digest(before) if finished else "<to be trained>"
+        record = records[name] = Record(run_dir, spec)
+        if not _done(os.path.join(run_dir, "summary.json")) or record.current():
+            continue
+        if record.saved() is None and _same_recipe(os.path.join(run_dir, "recipe.yaml"), spec["recipe"]) \
+                and stage.after is None:
+            record.write()  # written before records existed, by the same recipe
+            continue
+        raise RecipeError(f"pipeline.stages.{name}: {run_dir} finished under another spec "
+                          f"({record.what_changed()}); remove {run_dir} to retrain it, or restore its recipe")
+    return records
+
+
+def _same_recipe(path: str, spec: dict) -> bool:
+    try:
+        with open(path) as f:
+            return spec_check.strip_volatile(yaml.safe_load(f)) == spec
+    except (OSError, yaml.YAMLError, AttributeError):
+        return False
+
+
 def run_pipeline(cfg: PipelineConfig) -> list[dict]:
     out, py = cfg.output_dir, sys.executable
+    records = check_finished_stages(cfg)  # before the first write
     os.makedirs(out, exist_ok=True)
     if cfg.threads:
         import torch
@@ -194,9 +252,22 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
         return [py, "-m", "engine.train", stage.recipe, *stage.overrides, f"model.name={base}",
                 f"output_dir={stage_dir(name)}", "train.resume=auto", "logging.progress_bar=false", *thread_args]
 
+    def finished(name: str) -> bool:
+        return _done(os.path.join(stage_dir(name), "summary.json"))
+
+    def step_is_current(what: str, record: Record, output: str) -> bool:
+        """Skip a step whose output exists and was made from this spec; say why one is redone."""
+        if not _done(output):
+            return False
+        if record.current():
+            print(f"pipeline: {what}: done, skipped")
+            return True
+        print(f"pipeline: {what}: redone, its output is stale ({record.what_changed()})")
+        return False
+
     # ---- 1. stages from the shared base (independent: in parallel where there are devices for them)
     first = {n: s for n, s in cfg.stages.items() if s.after is None}
-    todo = [n for n in first if not _done(os.path.join(stage_dir(n), "summary.json"))]
+    todo = [n for n in first if not finished(n)]
     for name in first:
         if name not in todo:
             print(f"pipeline: stage {name}: done, skipped")
@@ -206,43 +277,61 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
         if len(devices) >= 2:
             codes = run_stages_in_parallel([stage_command(n, first[n], cfg.model) for n in todo], devices)
             bad = [n for n, c in zip(todo, codes) if c != 0]
+            for n in todo:
+                if n not in bad:
+                    records[n].write()
             if bad:
                 raise PipelineStepFailed(f"pipeline: stage(s) {', '.join(bad)} failed; rerun to resume them")
         else:
             for name in todo:
                 _run(stage_command(name, first[name], cfg.model), f"stage {name}", cfg.threads)
+                records[name].write()
+    digests = {n: adapter_digest(adapter(n)) for n in first}  # the identity of each trained adapter
 
     # ---- 2. sequential stages: fold the earlier stage's adapter into the base, train on top
     for name, stage in cfg.stages.items():
         if stage.after is None:
             continue
         folded = os.path.join(stage_dir(stage.after), "merged")
-        if not _done(os.path.join(folded, "config.json")):
-            _call("engine.export", [adapter(stage.after), "--out", folded, "--base", "original",
-                                    "--model", cfg.model, "--dtype", "float32", "--out-dtype", "float32"],
+        fold_args = ["--base", "original", "--model", cfg.model, "--dtype", "float32", "--out-dtype", "float32"]
+        fold = Record(folded, {"adapter": digests[stage.after], "args": fold_args})
+        if not step_is_current(f"fold {stage.after} into the base", fold, os.path.join(folded, "config.json")):
+            _call("engine.export", [adapter(stage.after), "--out", folded, *fold_args, "--overwrite"],
                   f"fold {stage.after} into the base")
-        if _done(os.path.join(stage_dir(name), "summary.json")):
+            fold.write()
+        records[name] = Record(stage_dir(name), {**records[name].spec, "after": digests[stage.after]})
+        if finished(name):
+            if not records[name].current():  # its first stage was (re)trained since: this one is stale
+                raise RecipeError(f"pipeline.stages.{name}: {stage_dir(name)} was trained after an earlier "
+                                  f"{stage.after} ({records[name].what_changed()}); remove {stage_dir(name)} "
+                                  f"to retrain it")
             print(f"pipeline: stage {name}: done, skipped")
         else:
             _run(stage_command(name, stage, folded), f"stage {name} (after {stage.after})", cfg.threads)
+            records[name].write()
+        digests[name] = adapter_digest(adapter(name))
 
     # ---- 3. merges of the stages' task vectors into the base
     merged: dict[str, str] = {}
     merged_from: dict[str, str] = {}  # variant -> one adapter it merges (whose layers its sparsity covers)
+    identity = {"base": cfg.model, **digests}  # what each evaluated variant is: its spec's fingerprint
     adapters = {n: adapter(n) for n in cfg.stages}
     for spec in cfg.merges:
         for variant, params in merge_variants(spec):
             target = os.path.join(out, "merges", variant)
             merged[variant] = target
             merged_from[variant] = adapters[params["models"][0]]
-            if _done(os.path.join(target, "config.json")):
-                print(f"pipeline: merge {variant}: done, skipped")
+            config = mergekit_config(params, cfg.model, adapters)
+            record = Record(target, {"config": config, "inputs": {m: digests[m] for m in params["models"]}})
+            identity[variant] = record.fingerprint
+            if step_is_current(f"merge {variant}", record, os.path.join(target, "config.json")):
                 continue
             config_path = os.path.join(out, "merges", f"{variant}.yaml")
             os.makedirs(os.path.dirname(config_path), exist_ok=True)
             with open(config_path, "w") as f:
-                yaml.safe_dump(mergekit_config(params, cfg.model, adapters), f, sort_keys=False)
-            _call("merge", [config_path, "--out", target], f"merge {variant}")
+                yaml.safe_dump(config, f, sort_keys=False)
+            _call("merge", [config_path, "--out", target, "--overwrite"], f"merge {variant}")
+            record.write()
 
     # ---- 4. evaluate every variant: base, each stage, each merge
     variants = {"base": cfg.model, **{n: adapter(n) for n in cfg.stages}, **merged}
@@ -250,15 +339,19 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
     rows = []
     for variant, target in variants.items():
         result = os.path.join(out, "evals", f"{variant}.json")
-        if not _done(result):
+        args = [target, "--tasks", ",".join(e.tasks), "--name", variant,
+                "--limit", str(e.limit), "--max-new-tokens", str(e.max_new_tokens),
+                "--batch-size", str(e.batch_size), "--template", e.template, "--harmbench", e.harmbench,
+                *[a for d in e.data for a in ("--data", d)]]
+        record = Record(result, {"args": args, "target": identity[variant]})
+        if not step_is_current(f"evaluate {variant}", record, result):
             os.makedirs(os.path.dirname(result), exist_ok=True)
-            _call("evals", [target, "--tasks", ",".join(e.tasks), "--name", variant,
-                            "--limit", str(e.limit), "--max-new-tokens", str(e.max_new_tokens),
-                            "--batch-size", str(e.batch_size), "--template", e.template, "--harmbench", e.harmbench,
-                            *[a for d in e.data for a in ("--data", d)], "--out", result], f"evaluate {variant}")
+            _call("evals", [*args, "--out", result], f"evaluate {variant}")
+            record.write()
         with open(result) as f:
             rows.append({"name": variant, **_flatten(json.load(f)["tasks"]),
-                         "sparsity": _sparsity(variant, target, cfg, out, merged_from.get(variant))})
+                         "sparsity": _sparsity(variant, target, cfg, out, merged_from.get(variant),
+                                               identity[variant])})
 
     # ---- 5. the table
     from evals.report import write_report
@@ -296,7 +389,8 @@ def _flatten(tasks: dict) -> dict:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _sparsity(variant: str, target: str, cfg: PipelineConfig, out: str, layers_of: str | None) -> float | None:
+def _sparsity(variant: str, target: str, cfg: PipelineConfig, out: str, layers_of: str | None,
+              identity: str | None = None) -> float | None:
     """PAFT's delta sparsity: from the stage's own summary (mean over its LoRA layers), or measured on
     a merged model against the base over the same layers (`layers_of`: an adapter it merged), so
     untouched embeddings and norms do not count as sparse."""
@@ -307,7 +401,8 @@ def _sparsity(variant: str, target: str, cfg: PipelineConfig, out: str, layers_o
         with open(summary) as f:
             return json.load(f).get("sparsity")
     result = os.path.join(out, "evals", f"{variant}.sparsity.json")
-    if not _done(result):
+    record = Record(result, {"target": identity, "layers_of": layers_of})
+    if not (_done(result) and record.current()):
         only = ["--layers-of", layers_of] if layers_of else []
         _call("merge.sparsity", [target, "--base", cfg.model, *only, "--quiet", "--out",
                                  os.path.join(out, "evals", f"{variant}.sparsity")], f"sparsity of {variant}")
@@ -316,6 +411,7 @@ def _sparsity(variant: str, target: str, cfg: PipelineConfig, out: str, layers_o
             value = json.load(f)["mean_sparsity"]
         with open(result, "w") as f:
             json.dump({"sparsity": value}, f)
+        record.write()
     with open(result) as f:
         return json.load(f)["sparsity"]
 

@@ -263,13 +263,14 @@ def _type_name(tp) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-def _coerce(value: Any, tp, key: str) -> Any:
-    """Return `value` as type `tp`, or raise RecipeError naming `key`."""
+def _coerce(value: Any, tp, key: str, root=None) -> Any:
+    """Return `value` as type `tp`, or raise RecipeError naming `key`. `root` is (schema, prefix)
+    of the whole recipe, for suggestions of keys written in the wrong section."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise RecipeError(f"{key}: expected a mapping, got {value!r}")
-        return _build(tp, value, key + ".")
+        return _build(tp, value, key + ".", root)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -278,7 +279,7 @@ def _coerce(value: Any, tp, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key)
+                return _coerce(value, arg, key, root)
             except RecipeError:
                 pass
         raise RecipeError(f"{key}: expected {_type_name(tp)}, got {value!r}")
@@ -292,12 +293,12 @@ def _coerce(value: Any, tp, key: str) -> Any:
         if not isinstance(value, list):
             raise RecipeError(f"{key}: expected {_type_name(tp)}, got {value!r}")
         (item,) = typing.get_args(tp)
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(v, item, f"{key}[{i}]", root) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise RecipeError(f"{key}: expected a mapping, got {value!r}")
         kt, vt = typing.get_args(tp)
-        return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+        return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}", root) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise RecipeError(f"{key}: expected true/false, got {value!r}")
@@ -342,21 +343,75 @@ def _closest(word: str, options: list[str]) -> str | None:
     return close[0] if close else None
 
 
+def schema_paths(cls, prefix: str = "") -> list[str]:
+    """Every dotted key of a schema, sections and leaves: ["model", "model.name", ...]."""
+    paths = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = prefix + _yaml_key(f)
+        paths.append(path)
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            paths += schema_paths(tp, path + ".")
+        elif typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
+            paths += schema_paths(typing.get_args(tp)[1], path + ".<name>.")  # e.g. pipeline.stages.<name>.
+    return paths
+
+
+def unknown_key_error(key: str, prefix: str, known: list[str], root=None, sections=()) -> RecipeError:
+    """`unknown key 'lora.lr' (did you mean 'lora.r' or 'train.lr'?)`.
+
+    Two kinds of slip are caught, over the whole schema rather than key by key: a typo of a key of
+    this section (the closest of `known`), and a key written in the wrong section: a path anywhere
+    in the recipe (`root` = (schema, prefix)) whose last part is `key` (`distributed` at the top is
+    'train.distributed', `lr` under lora is 'train.lr'), or failing that, is a near spelling of it
+    (`train.lamda` -> 'l1.lambda'). A section name (`sections`) is a weak guess for a misplaced
+    leaf, and so is a weak local typo guess, when a real path elsewhere matches."""
+    elsewhere = []
+    if root is not None:
+        others = [p for p in schema_paths(*root) if p != prefix + key]
+        elsewhere = [p for p in others if p.rsplit(".", 1)[-1] == key]
+        if not elsewhere:
+            near = difflib.get_close_matches(key, sorted({p.rsplit(".", 1)[-1] for p in others}), n=1, cutoff=0.8)
+            elsewhere = [p for p in others if near and p.rsplit(".", 1)[-1] == near[0]]
+    hints = []
+    close = _closest(key, known)
+    if close is not None and elsewhere:  # a real key elsewhere: keep only a strong local guess
+        strong = close.startswith(key) or key.startswith(close) or _one_edit(key, close) or \
+            difflib.SequenceMatcher(None, key, close).ratio() >= 0.75
+        close = close if strong and close not in sections else None
+    if close is not None:
+        hints.append(prefix + close)
+    hints += [p for p in elsewhere if p not in hints][:3]
+    hint = f" (did you mean {' or '.join(repr(h) for h in hints)}?)" if hints else ""
+    return RecipeError(f"unknown key '{prefix}{key}'{hint}")
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """a and b differ by one inserted, deleted or replaced character (lr / r, dtyp / dtype)."""
+    if abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        return sum(x != y for x, y in zip(a, b)) == 1
+    short, long_ = sorted((a, b), key=len)
+    return any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
+
+
 def _yaml_key(f: dataclasses.Field) -> str:
     """A field's key in YAML: its name, or `key` from its metadata where the name is a Python keyword."""
     return f.metadata.get("key", f.name)
 
 
-def _build(cls, raw: dict, prefix: str = ""):
+def _build(cls, raw: dict, prefix: str = "", root=None):
+    root = root or (cls, prefix)  # the whole schema, for keys written in the wrong section
     hints = typing.get_type_hints(cls)
     fields = {_yaml_key(f): f for f in dataclasses.fields(cls)}
     # YAML 1.1 reads a bare `on:` key as the boolean true; give it back its name where a field has it.
     raw = {("on" if key is True and "on" in fields else key): v for key, v in raw.items()}
     for key in raw:
         if key not in fields:
-            close = _closest(str(key), list(fields))
-            hint = f" (did you mean '{prefix}{close}'?)" if close else ""
-            raise RecipeError(f"unknown key '{prefix}{key}'{hint}")
+            sections = [k for k, f in fields.items() if dataclasses.is_dataclass(hints[f.name])]
+            raise unknown_key_error(str(key), prefix, list(fields), root, sections)
     kwargs = {}
     for name, f in fields.items():
         key = prefix + name
@@ -365,7 +420,7 @@ def _build(cls, raw: dict, prefix: str = ""):
             if required:
                 raise RecipeError(f"missing required key '{key}'")
             continue
-        value = _coerce(raw[name], hints[f.name], key)
+        value = _coerce(raw[name], hints[f.name], key, root)
         check = f.metadata.get("check")
         if check is not None and value is not None and not check[0](value):
             raise RecipeError(f"{key}: {check[1]}, got {raw[name]!r}")

@@ -124,11 +124,28 @@ def sft_data(recipe: Recipe, tokenizer):
                                   for r in rows] for rows in (train_rows, eval_rows))
     train_enc, enc_report = encode_all(train_rows, tokenizer, d.template, d.max_length)
     eval_enc, _ = encode_all(eval_rows, tokenizer, d.template, d.max_length)
+    counts = data_counts(d, report, enc_report)
     print(f"data: {len(train_enc)} training samples ({report['bad']} malformed rows skipped, "
           f"{enc_report.get('dropped', 0)} with no trained token after truncation), {len(eval_enc)} held out")
     args = dict(batch_size=tc.batch_size, seed=tc.seed, pad_id=tokenizer.pad_token_id, packing=d.packing,
                 max_length=d.max_length)
-    return Batches(train_enc, **args), (Batches(eval_enc, **args) if eval_enc else None), eval_rows
+    return Batches(train_enc, **args), (Batches(eval_enc, **args) if eval_enc else None), eval_rows, counts
+
+
+def data_counts(d, report: dict, enc_report: dict) -> dict:
+    """The training rows that will not be trained on, by cause; too many of them is an error.
+
+    A row truncated to no trained token, or a pair whose two sides are the same tokens, is as
+    useless as a malformed row, so all of them count toward data.max_bad_fraction."""
+    counts = {"rows": report["rows"], "malformed": report["bad"], "no_trained_token": enc_report["dropped"],
+              "identical_pairs": enc_report.get("identical", 0)}
+    unusable = counts["malformed"] + counts["no_trained_token"] + counts["identical_pairs"]
+    if counts["rows"] and unusable / counts["rows"] > d.max_bad_fraction:
+        raise ValueError(f"data: {unusable} of {counts['rows']} training rows of {report['source']} are unusable "
+                         f"({counts['malformed']} malformed or empty, {counts['no_trained_token']} with no trained "
+                         f"token within data.max_length={d.max_length}, {counts['identical_pairs']} pairs whose chosen "
+                         f"and rejected are the same tokens), more than data.max_bad_fraction={d.max_bad_fraction}")
+    return counts
 
 
 def preference_data(recipe: Recipe, tokenizer, model):
@@ -150,10 +167,15 @@ def preference_data(recipe: Recipe, tokenizer, model):
     eval_rows, _ = load_preference_examples(d, "eval", **extra)
     train_enc, enc_report = encode_pairs(train_rows, tokenizer, d.template, d.max_length)
     eval_enc, _ = encode_pairs(eval_rows, tokenizer, d.template, d.max_length)
+    counts = data_counts(d, report, enc_report)
     print(f"data: {len(train_enc)} training pairs ({report['bad']} malformed rows skipped, "
-          f"{enc_report.get('dropped', 0)} dropped after truncation), {len(eval_enc)} held out")
+          f"{enc_report.get('dropped', 0)} dropped after truncation, {enc_report['identical']} dropped as "
+          f"chosen = rejected within max_length), {len(eval_enc)} held out")
+    if not train_enc:
+        raise ValueError(f"data: no training pairs left in {report['source']} after truncation to "
+                         f"data.max_length={d.max_length} and dropping identical pairs")
     args = dict(batch_size=tc.batch_size, seed=tc.seed, pad_id=tokenizer.pad_token_id)
-    return PairBatches(train_enc, **args), (PairBatches(eval_enc, **args) if eval_enc else None), eval_rows
+    return PairBatches(train_enc, **args), (PairBatches(eval_enc, **args) if eval_enc else None), eval_rows, counts
 
 
 def make_objectives(recipe: Recipe, model, train_batches, eval_batches, device, autocast):
@@ -228,9 +250,9 @@ def run(recipe: Recipe) -> dict:
 
     # ---- data: rows ─► chat template ─► token ids + loss mask ─► batches; and the objective
     if tc.method == "sft":
-        train_batches, eval_batches, eval_rows = sft_data(recipe, tokenizer)
+        train_batches, eval_batches, eval_rows, counts = sft_data(recipe, tokenizer)
     else:
-        train_batches, eval_batches, eval_rows = preference_data(recipe, tokenizer, model)
+        train_batches, eval_batches, eval_rows, counts = preference_data(recipe, tokenizer, model)
     objective, eval_objective = make_objectives(recipe, model, train_batches, eval_batches, device, autocast)
     if eval_batches is None and (tc.eval_every or tc.early_stopping_patience):
         print("warning: train.eval_every/early_stopping_patience set but there is no held-out data", file=sys.stderr)
@@ -387,7 +409,7 @@ def run(recipe: Recipe) -> dict:
             save_adapter(model, os.path.join(run_dir, "adapter"), recipe.lora, recipe.model.name)
         sparsity = delta_sparsity(model)
     summary = {"steps": step, "stop_reason": stop_reason, "trained_tokens": state["trained_tokens"],
-               "adapter": os.path.join(run_dir, "adapter"), "sparsity": sparsity}
+               "adapter": os.path.join(run_dir, "adapter"), "sparsity": sparsity, "data": counts}
     print(f"delta sparsity (share of |s·B A| < 1e-5, averaged over layers): {summary['sparsity']:.4f}")
     if eval_batches is not None:
         summary.update(evaluate(model, eval_objective, eval_batches, tc.eval_batches, device, autocast))

@@ -1,6 +1,6 @@
 """Merge models and LoRA adapters, streaming tensor by tensor.
 
-    python -m merge CONFIG.yaml --out DIR [--as-adapter] [--seed N]
+    python -m merge CONFIG.yaml --out DIR [--as-adapter] [--seed N] [--overwrite] [--allow-lossy]
 
 CONFIG.yaml is a mergekit config (the keys mergekit users know):
 
@@ -43,7 +43,9 @@ so A is stacked along the rank, B side by side with cᵢsᵢ folded in, r = Σ r
 lora_alpha = r (scale 1). A module an adapter does not touch gets a zero block.
 
 Output is written into a temporary directory beside --out and renamed into place at the
-end: a failed merge leaves no directory that looks complete. Bad input is one
+end: a failed merge leaves no directory that looks complete. An existing --out is refused
+unless --overwrite. A bfloat16/float16 output is checked against the fp32 merge (the share of
+the update the rounding loses, merge/rounding.py): past 1 % it is refused unless --allow-lossy. Bad input is one
 `error: ...` line on stderr naming the model and the tensor, and exit status 2.
 """
 from __future__ import annotations
@@ -69,6 +71,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from merge import methods as M  # noqa: E402
+from merge.rounding import LOSSY_BOUND, RoundingLoss  # noqa: E402
 from merge.deltas import (ADAPTER_CONFIG, ADAPTER_PREFIX, ADAPTER_WEIGHTS, HEAD, Adapter, Checkpoint,  # noqa: E402
                           MergeError, check_against_base, open_model, remove_tree, task_vector, weight)
 
@@ -172,6 +175,12 @@ def load_config(path: str) -> MergeConfig:
         raise MergeError(f"config: {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise MergeError(f"config: {path}: expected a mapping of {', '.join(TOP_KEYS)}")
+    return parse_config(raw)
+
+
+def parse_config(raw: dict) -> MergeConfig:
+    """Check a mergekit config (already read from YAML) and return it; MergeError names the key.
+    No file is opened: the PAFT pipeline checks its merges with this before any stage trains."""
     for key in raw:
         if key not in TOP_KEYS:
             hint = " (use models: with base_model:; slices are not supported)" if key == "slices" else ""
@@ -267,6 +276,7 @@ class Plan:
     names: list[str]             # the output tensors, in writing order
     tied: bool                   # the output keeps lm_head tied to the embedding
     num_layers: int
+    rounding: list = field(default_factory=list)  # RoundingLoss per 16-bit output dtype (write_model)
 
     def layer_t(self, name: str) -> float:
         """mergekit's gradient position: layer i of L is at i/(L−1); other tensors at 0."""
@@ -412,14 +422,20 @@ def write_model(plan: Plan, out: str, seed: int) -> int:
         size += nbytes
     files = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    losses: dict[torch.dtype, RoundingLoss] = {}  # how much of the merge's update a 16-bit output keeps
     for file, shard in zip(files, shards):
         writer = StreamingSafetensors(os.path.join(out, file), shard)
         try:
             for name, dtype, _ in shard:
-                writer.write(name, merge_tensor(plan, name, seed).to(dtype))  # the one rounding
+                merged = merge_tensor(plan, name, seed)
+                if dtype in (torch.bfloat16, torch.float16) and merged.is_floating_point():
+                    base = plan.reference.read(name)  # θ₀ as stored: the update is merged − θ₀
+                    losses.setdefault(dtype, RoundingLoss(dtype)).add(name, merged, base)
+                writer.write(name, merged.to(dtype))  # the one rounding
         finally:
             writer.f.close()
         writer.close()
+    plan.rounding = list(losses.values())
     if len(shards) > 1:
         total = sum(math.prod(s) * d.itemsize for _, d, s in specs)
         index = {"metadata": {"total_size": total},
@@ -511,16 +527,24 @@ def _factor_shapes(weight_shape, r, embedding):
 
 # ---------------------------------------------------------------------------- CLI
 
-def run(config_path: str, out: str, as_adapter: bool = False, seed: int = 0) -> Plan:
-    """Merge as the config says into `out` (atomically). Raises MergeError on bad input."""
+def run(config_path: str, out: str, as_adapter: bool = False, seed: int = 0, overwrite: bool = False,
+        allow_lossy: bool = False) -> Plan:
+    """Merge as the config says into `out` (atomically). Raises MergeError on bad input.
+
+    An existing non-empty `out` is refused unless `overwrite`; then the new result is complete
+    beside it before the old one is moved away, so a failed merge keeps the old output. A model
+    written in a 16-bit dtype that keeps less than 1 - LOSSY_BOUND of the merge's update (see
+    merge/rounding.py) is refused unless `allow_lossy`, and nothing is written."""
     cfg = load_config(config_path)
     out = os.path.abspath(out)
-    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
-        raise MergeError(f"--out: {out} already exists; remove it or choose another directory")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise MergeError(f"--out: {out} is a file, not a directory")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise MergeError(f"--out: {out} already exists; remove it, choose another directory, or pass --overwrite")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.scratch-", dir=parent)
-    tmp = None
+    tmp = old = None
     try:
         plan = prepare(cfg, scratch)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
@@ -528,13 +552,26 @@ def run(config_path: str, out: str, as_adapter: bool = False, seed: int = 0) -> 
             write_adapter(plan, tmp)
         else:
             write_model(plan, tmp, seed)
+        for loss in plan.rounding:
+            if loss.lost > LOSSY_BOUND:
+                what = (f"dtype {str(loss.dtype).removeprefix('torch.')}: {loss.summary()}; the saved model "
+                        f"would not be the merge")
+                if not allow_lossy:
+                    raise MergeError(f"{what} (set dtype: float32, or pass --allow-lossy to save it anyway)")
+                print(f"warning: {what} (--allow-lossy)", file=sys.stderr)
         if os.path.isdir(out):
-            os.rmdir(out)  # empty (checked above)
+            if os.listdir(out):  # --overwrite: keep the old output until the new one is in place
+                old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
+                os.rmdir(old)
+                os.replace(out, old)
+            else:
+                os.rmdir(out)
         os.replace(tmp, out)
         tmp = None
         return plan
     finally:
         remove_tree(tmp)
+        remove_tree(old)
         remove_tree(scratch)
 
 
@@ -542,7 +579,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m merge", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="mergekit-style YAML")
-    parser.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
+    parser.add_argument("--out", required=True, help="output directory (must not exist, or be empty, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (once the new merge is complete)")
+    parser.add_argument("--allow-lossy", action="store_true",
+                        help=f"save a 16-bit dtype even when it loses more than {LOSSY_BOUND:.0%} of the update")
     parser.add_argument("--as-adapter", action="store_true",
                         help="write one exact LoRA adapter (linear / task_arithmetic over adapters)")
     parser.add_argument("--seed", type=int, default=0, help="seed of DARE's per-tensor masks (default 0)")
@@ -550,10 +590,12 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         with torch.no_grad():  # scoped: main() is also called in-process (tests), never leak grad mode
-            plan = run(args.config, args.out, args.as_adapter, args.seed)
+            plan = run(args.config, args.out, args.as_adapter, args.seed, args.overwrite, args.allow_lossy)
     except (MergeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for loss in plan.rounding:
+        print(f"merge: {loss.summary()}", file=sys.stderr)
     what = "adapter" if args.as_adapter else f"{len(plan.names)} tensors"
     print(f"merge: {plan.cfg.method} of {len(plan.models)} model(s) -> {args.out} ({what}, "
           f"{time.perf_counter() - start:.1f} s)", file=sys.stderr)

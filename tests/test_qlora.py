@@ -214,9 +214,9 @@ def fp32_tiny():
     return load_model_and_tokenizer(ModelConfig(name="builtin:tiny-llama"), torch.device("cpu"))[0]
 
 
-def check_loads(out_dir):
+def check_loads(out_dir, dtype=torch.bfloat16):
     model = AutoModelForCausalLM.from_pretrained(out_dir)
-    assert model.dtype == torch.bfloat16
+    assert model.dtype == dtype
     with torch.no_grad():
         logits = model(input_ids=torch.randint(0, 256, (1, 8))).logits
     assert torch.isfinite(logits).all()
@@ -224,7 +224,8 @@ def check_loads(out_dir):
 
 def test_export_original_equals_merge_lora(qlora_adapter, tmp_path):
     adapter, _ = qlora_adapter
-    assert export_main([adapter, "--out", str(tmp_path), "--base", "original"]) == 0
+    bf16 = ["--out-dtype", "bfloat16", "--allow-lossy"]  # asked for; the default is auto (fp32 here)
+    assert export_main([adapter, "--out", str(tmp_path), "--base", "original", *bf16]) == 0
     got = load_file(str(tmp_path / "model.safetensors"))
     expected = fp32_tiny()
     load_adapter(expected, adapter)
@@ -233,9 +234,10 @@ def test_export_original_equals_merge_lora(qlora_adapter, tmp_path):
     assert got.keys() == expected.keys()
     for k in got:
         assert torch.equal(got[k], expected[k]), k
-    # --out-dtype float32 keeps the merge exact (the pipeline's sequential baseline trains on it)
+    # the default (auto: the fp32 base's own dtype) keeps the merge exact, as --out-dtype float32 does
+    # (the pipeline's sequential baseline trains on it)
     exact = tmp_path / "fp32"
-    assert export_main([adapter, "--out", str(exact), "--base", "original", "--out-dtype", "float32"]) == 0
+    assert export_main([adapter, "--out", str(exact), "--base", "original"]) == 0
     got32 = load_file(str(exact / "model.safetensors"))
     expected32 = fp32_tiny()
     load_adapter(expected32, adapter)
@@ -248,7 +250,8 @@ def test_export_original_equals_merge_lora(qlora_adapter, tmp_path):
 
 def test_export_nf4_equals_dequantized_base_plus_delta(qlora_adapter, tmp_path):
     adapter, trained = qlora_adapter
-    assert export_main([adapter, "--out", str(tmp_path), "--base", "nf4"]) == 0
+    assert export_main([adapter, "--out", str(tmp_path), "--base", "nf4", "--out-dtype", "bfloat16",
+                        "--allow-lossy"]) == 0
     got = load_file(str(tmp_path / "model.safetensors"))
     factors = load_file(os.path.join(adapter, "adapter_model.safetensors"))
     base = fp32_tiny()

@@ -14,7 +14,10 @@ Truncation (a side longer than max_length), as TRL does it: the prompt loses
 tokens from its START first, by the same count on both sides so that the two
 rows keep the same prompt tokens; at least one prompt token is kept so the first
 answer token is still predicted from something. If an answer alone still does
-not fit, its end is cut. A pair is dropped when either side has no trained token.
+not fit, its end is cut. A pair is dropped when either side has no trained token, and when
+the two sides are the same tokens after truncation (identical answers, or answers that differ
+only past max_length): such a pair has Δ = 0 whatever the weights, so it adds a constant to
+the DPO loss and nothing to its gradient. It is counted ("identical"), not trained on.
 
 A batch of B pairs is one forward pass over 2B rows, right-padded together:
 
@@ -47,7 +50,10 @@ def _side(prompt: list[dict], answer: str, tokenizer, template: str) -> tuple[li
     return ids, [IGNORE] * start + labels[start:], start
 
 
-def _encode(example: dict, tokenizer, template: str, max_length: int) -> tuple[dict | None, bool]:
+IDENTICAL = "identical"  # _encode's verdict on a pair whose two sides are the same tokens
+
+
+def _encode(example: dict, tokenizer, template: str, max_length: int) -> tuple[dict | str | None, bool]:
     sides = [_side(example["prompt"], example[key], tokenizer, template) for key in ("chosen", "rejected")]
     over = max(len(ids) for ids, _, _ in sides) - max_length
     truncated = over > 0
@@ -61,26 +67,36 @@ def _encode(example: dict, tokenizer, template: str, max_length: int) -> tuple[d
         if not _has_target(labels):
             return None, truncated
         out[f"{key}_input_ids"], out[f"{key}_labels"] = ids, labels
+    if out["chosen_input_ids"] == out["rejected_input_ids"] and out["chosen_labels"] == out["rejected_labels"]:
+        return IDENTICAL, truncated
     return out, truncated
 
 
 def encode_pair(example: dict, tokenizer, template: str, max_length: int) -> dict | None:
     """{"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"} of one
     preference example ({"prompt": [...], "chosen": str, "rejected": str}), truncated to
-    max_length as the module docstring says; None if a side is left with no trained token."""
-    return _encode(example, tokenizer, template, max_length)[0]
+    max_length as the module docstring says; None if a side is left with no trained token or
+    the two sides are the same tokens."""
+    pair = _encode(example, tokenizer, template, max_length)[0]
+    return None if pair == IDENTICAL else pair
 
 
 def encode_pairs(examples: list[dict], tokenizer, template: str, max_length: int) -> tuple[list[dict], dict]:
     """Encode preference examples; returns the encoded pairs and a report:
-    {"pairs", "kept", "dropped", "first_dropped", "truncated", "tokens", "trained_tokens"}
-    (tokens and trained_tokens count both sides)."""
+    {"pairs", "kept", "dropped", "first_dropped", "identical", "first_identical", "truncated", "tokens",
+    "trained_tokens"} (tokens and trained_tokens count both sides; "dropped" is pairs with a side
+    left without a trained token, "identical" pairs whose sides are the same tokens)."""
     encoded = []
-    report = {"pairs": len(examples), "kept": 0, "dropped": 0, "first_dropped": None,
-              "truncated": 0, "tokens": 0, "trained_tokens": 0}
+    report = {"pairs": len(examples), "kept": 0, "dropped": 0, "first_dropped": None, "identical": 0,
+              "first_identical": None, "truncated": 0, "tokens": 0, "trained_tokens": 0}
     for i, example in enumerate(examples):
         pair, truncated = _encode(example, tokenizer, template, max_length)
         report["truncated"] += truncated
+        if pair == IDENTICAL:
+            report["identical"] += 1
+            if report["first_identical"] is None:
+                report["first_identical"] = i
+            continue
         if pair is None:
             report["dropped"] += 1
             if report["first_dropped"] is None:
