@@ -46,7 +46,7 @@ import torch
 
 from engine.data.batches import collate
 from engine.losses import IGNORE, hidden_states, sequence_logps
-from evals.common import EvalArgs, eval_mode, first, need_data, read_jsonl
+from evals.common import EvalArgs, eval_mode, first, need_data, read_jsonl, stderr
 
 
 DELIMITER = " "  # lm-eval's default target_delimiter, between the prompt and each choice
@@ -167,15 +167,6 @@ def score_items(model, tokenizer, items: list[dict], batch_size: int, max_length
 
 def _argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))
-
-
-def stderr(hits: list) -> float:
-    """Sample standard error of a mean of 0/1 (or real) values: sd (ddof=1) / sqrt(n); 0 for n < 2."""
-    n = len(hits)
-    if n < 2:
-        return 0.0
-    mean = sum(hits) / n
-    return (sum((h - mean) ** 2 for h in hits) / (n - 1) / n) ** 0.5
 
 
 def run_mc(model, tokenizer, args: EvalArgs) -> dict:
