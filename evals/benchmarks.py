@@ -21,7 +21,7 @@ strongreject    StrongREJECT's 313 forbidden prompts, one user turn each, greedy
                     refusal_rate, attack_success_rate = 1 − refusal_rate (direct request, no jailbreak),
                     by_category; refusal detected by evals.refusal.is_refusal as for HarmBench.
 
-Every task takes --limit (per BBH task: items per task) and reports n and a standard error
+Every task takes --limit (BBH: items per task; hhh: pairs in all, from the subsets in turn) and reports n and a standard error
 (evals.common.stderr: sample sd / sqrt(n), lm-eval's convention).
 """
 from __future__ import annotations
@@ -127,8 +127,10 @@ def run_truthfulqa_mc1(model, tokenizer, args: EvalArgs) -> dict:
 
 def run_hhh(model, tokenizer, args: EvalArgs) -> dict:
     rows = [r for r in catalog.hhh_rows(None, args.hhh_split) if r is not None]
-    if args.limit is not None:  # the first `limit` of each subset, so every subset is scored
-        rows = [r for s in catalog.HHH_SUBSETS for r in [x for x in rows if x["subset"] == s][:args.limit]]
+    if args.limit is not None:  # `limit` pairs in all, taken from the subsets in turn, so every subset is scored
+        queues = [[x for x in rows if x["subset"] == s] for s in catalog.HHH_SUBSETS]
+        turns = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
+        rows = sorted(turns[:args.limit], key=lambda r: (catalog.HHH_SUBSETS.index(r["subset"]), r["index"]))
     lp = pair_logps(model, tokenizer, rows, args)
     hits = [bool(c > r) for c, r in zip(lp["chosen"].tolist(), lp["rejected"].tolist())]
     kept = lp["kept"]
