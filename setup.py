@@ -24,6 +24,7 @@ setup(
         "bnb": ["bitsandbytes>=0.45"],
         "wandb": ["wandb"],
         # the peers the parity tests and benchmarks compare against
-        "test": ["pytest", "hypothesis", "peft>=0.15", "trl>=0.20", "accelerate", "wandb", "bitsandbytes>=0.45"],
+        "test": ["pytest", "hypothesis", "peft>=0.15", "trl>=0.20", "accelerate", "wandb", "bitsandbytes>=0.45",
+                 "lm-eval==0.4.13"],  # the reference evals.mc must agree with (tests/test_lm_eval_agreement.py)
     },
 )

@@ -366,8 +366,9 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
 
 
 # The metrics the papers' tables report, in the order they are printed.
-PAPER_COLUMNS = ["arithmetic/exact_match", "refusal/refusal_rate", "over_refusal/over_refusal_rate", "combined",
-                 "sparsity"]
+PAPER_COLUMNS = ["arithmetic/exact_match", "refusal/refusal_rate", "over_refusal/over_refusal_rate",
+                 "truthfulqa_mc1/accuracy", "hhh/accuracy", "bigbench_bbh/macro_score", "gsm8k100/exact_match",
+                 "strongreject/refusal_rate", "combined", "sparsity"]
 COMBINED = ("arithmetic/exact_match", "refusal/refusal_rate", "over_refusal/over_refusal_rate")
 
 

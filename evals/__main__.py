@@ -17,6 +17,14 @@ Tasks (see each module's docstring for what is computed):
     mc            multiple-choice log-likelihood accuracy   --data mc=FILE.jsonl | --data mc=DIR/task.json
     preference    held-out pair accuracy (+ DPO implicit-reward accuracy for adapters);
                   default data builtin:harmbench, or --data preference=PAIRS.jsonl
+  real benchmarks from PyPI package files (fetched once into the cache; evals/benchmarks.py):
+    bigbench_bbh    BBH tasks from the BIG-bench JSON, --shots K from each task's own examples,
+                    MC log-likelihood or exact match; --bbh-tasks navigate,snarks,... (default all 24)
+    truthfulqa_mc1  TruthfulQA MC1 (BIG-bench truthful_qa/task_mc.json)
+    hhh             HHH preference accuracy by log-likelihood, per subset; --hhh-split test|train|all
+    gsm8k100        GSM8K-100 exact match (also: --data gsm8k=gsm8k100)
+    strongreject    StrongREJECT refusal rate and attack success rate
+Every task reports n and a standard error (stderr), seconds and items_per_s.
 
 --data TASK=FILE can be repeated (a task given several files runs once per file, as
 "TASK:<file stem>"); a bare --data FILE is allowed when exactly one requested task takes data.
@@ -72,7 +80,7 @@ def parse_data(values: list[str], tasks: list[str]) -> dict[str, list[str]]:
         if task in NEEDS_DATA and not data.get(task):
             raise ValueError(f"{task}: needs a data file (--data {task}=FILE)")
         for path in data.get(task, []):
-            if path != "builtin:harmbench" and not os.path.exists(path):
+            if path not in ("builtin:harmbench", "gsm8k100") and not os.path.exists(path):
                 raise FileNotFoundError(f"--data {task}={path}: file not found")
     return data
 
@@ -121,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta of the implicit rewards (preference task)")
     p.add_argument("--harmbench", default="all", choices=("all", "standard", "contextual"),
                    help="refusal task: which HarmBench test behaviours (contextual ones are ~10x longer)")
+    p.add_argument("--bbh-tasks", default=None, help="bigbench_bbh: comma-separated task names (default: all)")
+    p.add_argument("--shots", type=int, default=3, help="bigbench_bbh: few-shot examples per task")
+    p.add_argument("--hhh-split", default="test", choices=("test", "train", "all"), help="hhh: which split")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     return p
@@ -138,14 +149,16 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer, info = load_target(a.target, a.base, device, a.dtype)
         args = EvalArgs(template=a.template, limit=a.limit, batch_size=a.batch_size,
                         max_new_tokens=a.max_new_tokens, max_length=a.max_length, beta=a.beta,
-                        harmbench=a.harmbench)
+                        harmbench=a.harmbench, shots=a.shots, hhh_split=a.hhh_split,
+                        subtasks=[t.strip() for t in a.bbh_tasks.split(",") if t.strip()] if a.bbh_tasks else None)
         results = evaluate(model, tokenizer, tasks, args, data)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     settings = {"template": a.template, "limit": a.limit, "batch_size": a.batch_size,
                 "max_new_tokens": a.max_new_tokens, "max_length": a.max_length, "beta": a.beta,
-                "harmbench": a.harmbench, "dtype": a.dtype, "data": data}
+                "harmbench": a.harmbench, "shots": a.shots, "hhh_split": a.hhh_split, "bbh_tasks": a.bbh_tasks,
+                "dtype": a.dtype, "data": data}
     write_json_atomic({"model": a.target, "name": a.name or a.target, "kind": info["kind"], "base": info["base"],
                        "settings": settings, "tasks": results}, a.out)
     print(f"evals: wrote {a.out}")

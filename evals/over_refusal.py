@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 
 from evals import exact_match as em
-from evals.common import EvalArgs, chat_prompt, first, read_jsonl
+from evals.common import EvalArgs, chat_prompt, first, read_jsonl, stderr
 from evals.harmbench import rates_by
 from evals.refusal import is_refusal
 
@@ -39,7 +39,7 @@ def run_over_refusal(model, tokenizer, args: EvalArgs) -> dict:
     prompts = [chat_prompt(it["prompt"], tokenizer, args.template) for it in items]
     answers = em.generate(model, tokenizer, prompts, args.new_tokens(64), args.batch_size)
     refused = [is_refusal(a) for a in answers]
-    return {"over_refusal_rate": sum(refused) / len(refused), "n": len(refused),
+    return {"over_refusal_rate": sum(refused) / len(refused), "n": len(refused), "stderr": stderr(refused),
             "by_type": rates_by(items, refused, "type"),
             "samples": [{"prompt": it["prompt"], "generation": a, "refused": r}
                         for it, a, r in list(zip(items, answers, refused))[:5]]}

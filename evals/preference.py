@@ -31,7 +31,7 @@ from engine.data.pairs import encode_pair
 from engine.data.preference import HARMBENCH, harmbench_pairs, parse_pairs
 from engine.lora import lora_parameters
 from engine.losses import preference_forward, reference_logps
-from evals.common import EvalArgs, eval_mode, read_jsonl
+from evals.common import EvalArgs, eval_mode, read_jsonl, stderr
 
 
 def preference_examples(source: str, limit: int | None) -> list[dict]:
@@ -93,7 +93,7 @@ def run_preference(model, tokenizer, args: EvalArgs) -> dict:
     lp = pair_logps(model, tokenizer, examples, args)
     diff = lp["chosen"] - lp["rejected"]  # (n,)
     result = {"accuracy": float((diff > 0).float().mean()), "margin": float(diff.mean()), "n": int(diff.numel()),
-              "dropped": len(examples) - int(diff.numel())}
+              "stderr": stderr((diff > 0).float().tolist()), "dropped": len(examples) - int(diff.numel())}
     if "ref_chosen" in lp:
         r_chosen = args.beta * (lp["chosen"] - lp["ref_chosen"])
         r_rejected = args.beta * (lp["rejected"] - lp["ref_rejected"])

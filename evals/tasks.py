@@ -15,7 +15,8 @@ import time
 
 from evals.arithmetic import run_arithmetic
 from evals.common import EvalArgs
-from evals.generation import run_bbh, run_generation, run_gsm8k
+from evals.benchmarks import run_bigbench_bbh, run_hhh, run_strongreject, run_truthfulqa_mc1
+from evals.generation import run_bbh, run_generation, run_gsm8k, run_gsm8k100
 from evals.harmbench import run_refusal
 from evals.mc import run_mc
 from evals.over_refusal import run_over_refusal
@@ -30,6 +31,12 @@ TASKS = {
     "over_refusal": run_over_refusal,  # refusals of benign look-alike prompts       ([--data])
     "mc": run_mc,                      # multiple-choice log-likelihood accuracy      (--data)
     "preference": run_preference,      # held-out preference (and DPO reward) accuracy ([--data])
+    # the real benchmarks from PyPI package files (engine.data.catalog; fetched into the cache)
+    "bigbench_bbh": run_bigbench_bbh,  # BBH from the BIG-bench JSON, few-shot, MC log-lik or exact match
+    "truthfulqa_mc1": run_truthfulqa_mc1,  # TruthfulQA MC1 (BIG-bench task_mc.json)
+    "hhh": run_hhh,                    # HHH preference accuracy per subset (held-out split)
+    "gsm8k100": run_gsm8k100,          # GSM8K-100 exact match
+    "strongreject": run_strongreject,  # StrongREJECT refusal rate / ASR
 }
 NEEDS_DATA = ("gsm8k", "bbh", "generation", "mc")
 TAKES_DATA = NEEDS_DATA + ("over_refusal", "preference")
@@ -37,7 +44,9 @@ TAKES_DATA = NEEDS_DATA + ("over_refusal", "preference")
 # The metric that sums up each task: the default columns of evals.report.
 HEADLINE = {"arithmetic": "exact_match", "gsm8k": "exact_match", "bbh": "exact_match",
             "generation": "exact_match", "refusal": "refusal_rate", "over_refusal": "over_refusal_rate",
-            "mc": "accuracy", "preference": "accuracy"}
+            "mc": "accuracy", "preference": "accuracy", "bigbench_bbh": "macro_score",
+            "truthfulqa_mc1": "accuracy", "hhh": "accuracy", "gsm8k100": "exact_match",
+            "strongreject": "refusal_rate"}
 
 
 def task_of(key: str) -> str:
@@ -60,7 +69,10 @@ def evaluate(model, tokenizer, tasks: list[str], args: EvalArgs, data: dict[str,
             key = task if len(files) == 1 else f"{task}:{_stem(path)}"
             start = time.perf_counter()
             metrics = TASKS[task](model, tokenizer, dataclasses.replace(args, data=path))
-            metrics["seconds"] = round(time.perf_counter() - start, 2)
+            seconds = time.perf_counter() - start
+            metrics["seconds"] = round(seconds, 2)
+            if isinstance(metrics.get("n"), int) and seconds > 0:
+                metrics["items_per_s"] = round(metrics["n"] / seconds, 3)  # on this machine's threads
             results[key] = metrics
             if log:
                 log(f"{key}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

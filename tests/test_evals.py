@@ -269,7 +269,7 @@ def test_mc_scores_equal_full_logit_logprobs(model_tok, batch_size):
         direct = [direct_logp(model, tok, it["context"], " " + c) for c in it["choices"]]
         assert it["scores"] == pytest.approx(direct, abs=1e-4)
         assert it["pred"] == max(range(len(direct)), key=direct.__getitem__)
-        lengths = [len((" " + c).encode()) for c in it["choices"]]
+        lengths = [len(c) for c in it["choices"]]  # lm-eval's acc_norm: characters, delimiter not counted
         assert it["norm_scores"] == pytest.approx([d / n for d, n in zip(direct, lengths)], abs=1e-5)
 
 

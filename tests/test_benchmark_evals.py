@@ -1,0 +1,115 @@
+"""The real-benchmark eval tasks (evals/benchmarks.py) on fixtures in the packages' exact schemas."""
+import json
+import os
+
+import pytest
+import torch
+
+import evals.exact_match as em
+from engine.data import catalog
+from engine.models import load_model_and_tokenizer
+from engine.recipe import ModelConfig
+from evals.__main__ import main as evals_main
+from evals.benchmarks import bbh_items, run_bigbench_bbh, run_hhh, run_strongreject, run_truthfulqa_mc1
+from evals.common import EvalArgs, stderr
+from evals.generation import run_gsm8k100
+from evals.preference import pair_logps
+from package_cache import fixture_cache
+
+
+@pytest.fixture(scope="module")
+def model_tok():
+    torch.manual_seed(0)
+    return load_model_and_tokenizer(ModelConfig(name="builtin:tiny-llama"), torch.device("cpu"))
+
+
+def test_stderr_is_lm_evals_sample_standard_error():
+    hits = [1, 0, 1, 1]
+    p = 0.75
+    assert stderr(hits) == pytest.approx((p * (1 - p) / 3) ** 0.5)
+    assert stderr([1]) == 0.0
+
+
+def test_bbh_few_shot_from_the_task_itself_never_scored(tmp_path, monkeypatch):
+    fixture_cache(tmp_path, monkeypatch)
+    items, kind = bbh_items("navigate", shots=2, limit=None)
+    assert kind == "mc" and len(items) == 4  # 6 examples, 2 of them are the shots
+    task = catalog.bigbench_task("navigate")
+    prompt = items[0]["context"]
+    assert prompt.startswith(task["task_prefix"]) and prompt.endswith("\nA:")
+    shown = [ex["input"] for ex in task["examples"] if ex["input"] in prompt]
+    assert len(shown) == 3  # two shots with their answers, then the question
+    for it in items:  # a shot's question is never the scored one
+        assert it["context"].count(it["context"].rsplit("\nQ: ", 1)[1]) == 1
+    assert items[0]["choices"] == ["True", "False"] and len(items[0]["gold"]) == 1
+    gen, kind = bbh_items("object_counting", shots=1, limit=None)
+    assert kind == "gen" and len(gen) == 2 and all(len(it["targets"]) == 2 for it in gen)
+
+
+def test_run_bigbench_bbh(tmp_path, monkeypatch, model_tok):
+    fixture_cache(tmp_path, monkeypatch)
+    model, tok = model_tok
+    args = EvalArgs(subtasks=["navigate", "word_sorting"], shots=1, batch_size=4)
+    answers = {ex["input"]: ex["target"] for ex in catalog.bigbench_task("word_sorting")["examples"]}
+
+    def right(m, t, prompts, n, bs):
+        return [answers[p.rsplit("\nList: ", 1)[1].split("\n")[0]] + "\nList: more" for p in prompts]
+
+    monkeypatch.setattr(em, "generate", right)
+    r = run_bigbench_bbh(model, tok, args)
+    assert r["by_task"]["word_sorting"] == {"score": 1.0, "metric": "exact_match", "n": 3, "stderr": 0.0}
+    assert r["by_task"]["navigate"]["n"] == 5 and r["n"] == 8 and r["tasks"] == 2
+    assert r["macro_score"] == pytest.approx((1.0 + r["by_task"]["navigate"]["score"]) / 2)
+    monkeypatch.setattr(em, "generate", lambda m, t, prompts, n, bs: ["wrong"] * len(prompts))
+    assert run_bigbench_bbh(model, tok, args)["by_task"]["word_sorting"]["score"] == 0.0
+    with pytest.raises(ValueError, match="unknown task"):
+        run_bigbench_bbh(model, tok, EvalArgs(subtasks=["nope"]))
+
+
+def test_truthfulqa_mc1(tmp_path, monkeypatch, model_tok):
+    fixture_cache(tmp_path, monkeypatch)
+    model, tok = model_tok
+    r = run_truthfulqa_mc1(model, tok, EvalArgs(batch_size=4))
+    assert r["n"] == 3 and 0 <= r["accuracy"] <= 1 and r["stderr"] >= 0
+    import evals.mc as mc
+    monkeypatch.setattr(mc, "continuation_logps", lambda m, t, reqs, bs, ml=1024:
+                        [(0.0 if c.strip().startswith(("It passes", "No,")) else -9.0, 1) for _, c in reqs])
+    assert run_truthfulqa_mc1(model, tok, EvalArgs())["accuracy"] == 1.0
+
+
+def test_hhh_accuracy_per_subset_on_the_held_out_split(tmp_path, monkeypatch, model_tok):
+    fixture_cache(tmp_path, monkeypatch)
+    model, tok = model_tok
+    r = run_hhh(model, tok, EvalArgs(batch_size=4))
+    test_rows = [x for x in catalog.hhh_rows(None, "test") if x]
+    assert r["n"] == len(test_rows) and r["split"] == "test"
+    assert sum(s["n"] for s in r["by_subset"].values()) == r["n"]
+    lp = pair_logps(model, tok, test_rows, EvalArgs(batch_size=4))
+    expected = [float(c > rj) for c, rj in zip(lp["chosen"].tolist(), lp["rejected"].tolist())]
+    assert r["accuracy"] == pytest.approx(sum(expected) / len(expected))
+
+
+def test_strongreject_and_gsm8k100(tmp_path, monkeypatch, model_tok):
+    fixture_cache(tmp_path, monkeypatch)
+    model, tok = model_tok
+    monkeypatch.setattr(em, "generate", lambda m, t, p, n, bs: ["I'm sorry, but I can't help with that."] * len(p))
+    r = run_strongreject(model, tok, EvalArgs())
+    assert r["n"] == 4 and r["refusal_rate"] == 1.0 and r["attack_success_rate"] == 0.0
+    assert set(r["by_category"]) == {row["category"] for row in catalog.strongreject_rows()}
+    monkeypatch.setattr(em, "generate", lambda m, t, p, n, bs: ["So the answer is 7.", "60", "I don't know"])
+    g = run_gsm8k100(model, tok, EvalArgs())
+    assert g["n"] == 3 and g["exact_match"] == pytest.approx(2 / 3) and g["stderr"] > 0
+
+
+def test_cli_runs_real_tasks_with_limit_and_exits_2_without_the_package(tmp_path, monkeypatch):
+    fixture_cache(tmp_path, monkeypatch)
+    out = tmp_path / "r.json"
+    assert evals_main(["builtin:tiny-llama", "--tasks", "truthfulqa_mc1,hhh,bigbench_bbh", "--bbh-tasks", "navigate",
+                       "--shots", "1", "--limit", "2", "--out", str(out)]) == 0
+    tasks = json.load(open(out))["tasks"]
+    assert tasks["truthfulqa_mc1"]["n"] == 2 and tasks["bigbench_bbh"]["n"] == 2
+    assert all("stderr" in t and "items_per_s" in t for t in tasks.values())
+    monkeypatch.setenv("PAFT_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    assert evals_main(["builtin:tiny-llama", "--tasks", "strongreject", "--out", str(out)]) == 2
