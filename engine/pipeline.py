@@ -44,6 +44,7 @@ from typing import Optional, Union
 import yaml
 
 from engine.recipe import RecipeError, _build, _set_dotted, parse_overrides
+from evals.findings import FindingsConfig
 
 
 class PipelineStepFailed(RuntimeError):
@@ -81,6 +82,10 @@ class PipelineConfig:
         default_factory=list, metadata={"help": "merge specs (method, models, weight, density, t, lambda)"})
     evals: EvalsConfig = field(default_factory=EvalsConfig, metadata={"help": "evaluation of every variant"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads for every step (0: default)"})
+    seeds: list[int] = field(default_factory=list, metadata={
+        "help": "run everything once per seed (train.seed) into output_dir/seed-<k>; table of mean ± se (engine.seeds)"})
+    findings: Optional[FindingsConfig] = field(default=None, metadata={
+        "help": "with seeds: which variants the papers' claims compare, and the score columns (FINDINGS.md)"})
 
 
 def is_pipeline(path: str) -> bool:
@@ -175,6 +180,9 @@ def _done(path: str) -> bool:
 
 
 def run_pipeline(cfg: PipelineConfig) -> list[dict]:
+    if cfg.seeds:  # once per seed, then mean ± se, Figure 2 and FINDINGS.md
+        from engine.seeds import run_seeds
+        return run_seeds(cfg)
     out, py = cfg.output_dir, sys.executable
     os.makedirs(out, exist_ok=True)
     if cfg.threads:
