@@ -82,8 +82,9 @@ def curve(adapter_dir: str, thresholds: list[float] = THRESHOLDS, dtype: str = "
 
 
 def steps_curve(stage_dir: str, thresholds: list[float] = STEP_THRESHOLDS) -> dict[int, list[float]]:
-    """{step: S(τ) at each τ} from the stage's kept checkpoints, plus its final adapter."""
-    out = {}
+    """{step: S(τ) at each τ} from the stage's kept checkpoints, plus its final adapter. Step 0 is
+    δ = 0 exactly (LoRA starts with B = 0), so every share is 1 there."""
+    out = {0: [1.0] * len(thresholds)}
     for path in sorted(glob.glob(os.path.join(stage_dir, "checkpoints", "step-*", "adapter"))):
         step = int(re.search(r"step-(\d+)", path).group(1))
         out[step] = curve(path, thresholds)
