@@ -32,10 +32,8 @@ from merge.figure2 import THRESHOLDS, curve, steps_curve
 
 RUNS = {  # name -> (recipe, overrides); steps kept short: this is about the shape of δ, not quality
     "sft_lr1e-3": ("recipes/quickstart/sft.yaml", ["train.lr=1.0e-3"]),
-    "sft_lr1e-4": ("recipes/quickstart/sft.yaml", ["train.lr=1.0e-4"]),
     "sft_lr1e-5": ("recipes/quickstart/sft.yaml", ["train.lr=1.0e-5"]),
     "dpo_lr5e-4": ("recipes/quickstart/dpo.yaml", ["train.lr=5.0e-4"]),
-    "dpo_lr5e-5": ("recipes/quickstart/dpo.yaml", ["train.lr=5.0e-5"]),
     "dpo_lr5e-6": ("recipes/quickstart/dpo.yaml", ["train.lr=5.0e-6"]),
 }
 
@@ -65,11 +63,14 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/sparsity_study")
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--sft-steps", type=int, default=24)
-    p.add_argument("--dpo-steps", type=int, default=12)
+    p.add_argument("--sft-steps", type=int, default=8)
+    p.add_argument("--dpo-steps", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS))
     a = p.parse_args(argv)
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": str(a.threads)}
+    torch.set_num_threads(a.threads)
     results = {}
     for name in a.runs.split(","):
         recipe, overrides = RUNS[name]
@@ -77,7 +78,8 @@ def main(argv=None) -> int:
         run_dir = os.path.join(a.out, name)
         if not os.path.isfile(os.path.join(run_dir, "summary.json")):
             cmd = [sys.executable, "-m", "engine.train", recipe, *overrides, f"model.name={a.model}",
-                   f"train.max_steps={steps}", f"train.save_every={max(1, steps // 4)}", "train.keep_checkpoints=8",
+                   f"train.max_steps={steps}", f"train.save_every={max(1, steps // 4)}",
+                   f"train.batch_size={a.batch_size}", f"train.threads={a.threads}", "train.keep_checkpoints=8",
                    "train.warmup_steps=2", "train.resume=auto", "logging.progress_bar=false", f"output_dir={run_dir}"]
             print("study:", " ".join(cmd), flush=True)
             if subprocess.run(cmd, env=env).returncode != 0:
