@@ -76,9 +76,11 @@ class LoRAConfig:
 
 @dataclass
 class DataConfig:
-    source: str = field(metadata=_help(
+    source: Union[str, list[str]] = field(metadata=_help(
         "'builtin:arithmetic', 'builtin:harmbench' (HarmBench refusal pairs), a .jsonl file, "
-        "or 'hf:<path or hub id>' read with datasets.load_dataset"))
+        "'hf:<path or hub id>' read with datasets.load_dataset, or a named real dataset: sharegpt, "
+        "bigbench:hhh_alignment[/<subset>], bigbench:<task>, truthfulqa_mc, gsm8k100, strongreject "
+        "(engine/data/catalog.py). Preference data may list several sources: their pairs are pooled"))
     format: Literal["auto", "pairs", "hh_rlhf", "beavertails_helpful", "beavertails_harmless",
                     "ultrafeedback"] = field(default="auto", metadata=_help(
         "row schema. auto: chat 'messages' or prompt/completion (SFT), prompt/chosen/rejected (DPO, ORPO). "
@@ -370,8 +372,17 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
 
 def _check_semantics(recipe: Recipe) -> None:
     """Rules that span several keys or touch the file system."""
+    from engine.data.catalog import is_named  # here: engine.data imports torch, the recipe alone does not
+
     src = recipe.data.source
-    for key, value in (("data.source", src), ("data.eval_source", recipe.data.eval_source)):
+    if isinstance(src, list) and (not src or recipe.train.method == "sft" and recipe.data.format == "auto"):
+        raise RecipeError("data.source: a list of sources is for preference data (dpo, orpo, or sft with a "
+                          "preference data.format); give SFT one source" if src else "data.source: empty list")
+    checks = [(f"data.source[{i}]" if isinstance(src, list) else "data.source", v)
+              for i, v in enumerate(src if isinstance(src, list) else [src])]
+    for key, value in checks + [("data.eval_source", recipe.data.eval_source)]:
+        if value is not None and is_named(value):
+            continue
         if value is None or value.startswith(("builtin:", "hf:")):
             if value and value.startswith("builtin:") and value not in ("builtin:arithmetic", "builtin:harmbench"):
                 raise RecipeError(f"{key}: unknown builtin source {value!r} "

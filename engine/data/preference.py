@@ -60,6 +60,7 @@ The report of load_preference_examples:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -243,7 +244,23 @@ def load_preference_examples(cfg, split_role: str, generate_fn=None, cache_dir: 
     generate_fn, cache_dir and model_key are only used by builtin:harmbench with
     harmbench_rejected: generate (see harmbench_pairs). With no held-out data
     configured, "eval" gives [].
+
+    A list of sources pools their pairs: each source keeps its own split rules (e.g.
+    [bigbench:hhh_alignment, builtin:harmbench] trains on the HHH train split and HarmBench
+    val, and holds out HHH test and HarmBench test). The report then has the summed counts
+    and "parts", one report per source.
     """
+    if isinstance(cfg.source, list):
+        examples, parts = [], []
+        for one in cfg.source:
+            part_cfg = dataclasses.replace(cfg, source=one)
+            got, rep = load_preference_examples(part_cfg, split_role, generate_fn, cache_dir, model_key)
+            examples += got
+            parts.append(rep)
+        counts = {k: sum(p.get(k) or 0 for p in parts) for k in ("rows", "bad", "filtered", "examples")}
+        return examples, {"source": "+".join(cfg.source), "split": "+".join(str(p["split"]) for p in parts),
+                          "format": "+".join(str(p["format"]) for p in parts), "first_bad": None,
+                          **counts, "parts": parts}
     source, split, part = _plan(cfg, split_role)
     if source is None:
         return [], {"source": None, "split": None, "format": None, "rows": 0, "bad": 0, "first_bad": None,

