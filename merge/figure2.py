@@ -20,7 +20,7 @@ the curve is fixed by the one scale σ, which grows with learning rate × steps.
 
 `dtype`: "float32" measures δ itself (what the trainer holds). "bfloat16-merged" measures what one
 sees diffing two bf16 checkpoints, δ' = bf16(W₀ + δ) − bf16(W₀): every |δ| below about half a bf16
-ulp of W₀ (≈ |W₀|·2⁻⁸) becomes an exact zero, so low precision alone makes an update look sparse.
+ulp of W₀ (|W₀|·2⁻⁹ to |W₀|·2⁻⁸) becomes an exact zero, so low precision alone makes an update look sparse.
 
 Over training steps: each stage's checkpoints/step-*/adapter (keep them with train.keep_checkpoints)
 give S(τ) at that step.
