@@ -52,6 +52,9 @@ from engine import pipeline_spec as spec_check
 from engine.pipeline_spec import Record, adapter_digest
 from engine.recipe import RecipeError, _build, _set_dotted, check_output_dir, parse_overrides, unknown_key_error
 from engine.safeio import read_yaml
+from evals.findings import FindingsConfig
+from engine.recipe import RecipeError, _build, _set_dotted, parse_overrides
+from evals.findings import FindingsConfig
 
 
 class PipelineStepFailed(RuntimeError):
@@ -94,6 +97,10 @@ class PipelineConfig:
     evals: EvalsConfig = field(default_factory=EvalsConfig, metadata={"help": "evaluation of every variant"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads for every step (0: default)",
                                               "check": (lambda v: v >= 0, "must be >= 0")})
+    seeds: list[int] = field(default_factory=list, metadata={
+        "help": "run everything once per seed (train.seed) into output_dir/seed-<k>; table of mean ± se (engine.seeds)"})
+    findings: Optional[FindingsConfig] = field(default=None, metadata={
+        "help": "with seeds: which variants the papers' claims compare, and the score columns (FINDINGS.md)"})
 
 
 def is_pipeline(path: str) -> bool:
@@ -234,6 +241,9 @@ def _same_recipe(path: str, spec: dict) -> bool:
 
 
 def run_pipeline(cfg: PipelineConfig) -> list[dict]:
+    if cfg.seeds:  # once per seed, then mean ± se, Figure 2 and FINDINGS.md
+        from engine.seeds import run_seeds
+        return run_seeds(cfg)
     out, py = cfg.output_dir, sys.executable
     records = check_finished_stages(cfg)  # before the first write
     os.makedirs(out, exist_ok=True)

@@ -55,6 +55,9 @@ def default_columns(rows: list[dict]) -> list[str]:
 def _cell(value) -> str:
     if value is None:
         return MISSING
+    if isinstance(value, dict) and "mean" in value:  # over seeds (engine.seeds): "mean ± se"
+        se = value.get("se")
+        return f"{value['mean']:.3f} ± {se:.3f}" if se is not None else f"{value['mean']:.3f}"
     if isinstance(value, float):
         return f"{value:.3f}"
     return str(value)
@@ -78,14 +81,20 @@ def bar_chart(rows: list[dict], columns: list[str], path: str, title: str) -> No
     width = 0.8 / n_rows
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(columns) * max(1, n_rows) ** 0.5 + 2), 4))
     for i, row in enumerate(rows):
-        xs, ys = [], []
+        xs, ys, errs = [], [], []
         for j, c in enumerate(columns):
             v = row.get(c)
+            if isinstance(v, dict) and "mean" in v:  # over seeds: the mean, se as an error bar
+                v, err = v["mean"], v.get("se") or 0.0
+            else:
+                err = 0.0
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 xs.append(j - 0.4 + width * (i + 0.5))
                 ys.append(float(v))
+                errs.append(float(err))
         colors = plt.get_cmap("tab10" if n_rows <= 10 else "tab20")  # one distinct colour per variant up to 20
-        ax.bar(xs, ys, width=width, label=str(row.get("name", "?")), color=colors(i % colors.N))
+        ax.bar(xs, ys, width=width, label=str(row.get("name", "?")), color=colors(i % colors.N),
+               yerr=errs if any(errs) else None, capsize=1.5)
     ax.set_xticks(range(len(columns)))
     ax.set_xticklabels(columns, rotation=30, ha="right", fontsize=8)
     ax.set_title(title)

@@ -1,0 +1,163 @@
+"""A pipeline over several seeds: every stage, merge and evaluation once per seed, then mean ± se.
+
+    pipeline:
+      seeds: [0, 1, 2]       # runs the whole pipeline into <output_dir>/seed-<k>/ with train.seed=k
+
+What varies with the seed: each training stage's LoRA init, data order and dropout (`train.seed`),
+hence every merge built from them. What does not: the base model and the (greedy) evaluations, so
+the base variant is evaluated once and its results reused for every seed (copied into each
+seed's evals/). DARE's keep masks are seeded from tensor names (merge.methods), the same for
+every seed.
+
+Outputs in <output_dir>:
+    results.json    {"seeds": [...], "columns": [...], "variants": {name: {column: {"mean", "se", "n",
+                    "values": {seed: value}}}}, "per_seed": {seed: rows}}
+    results.md/png  the table, each cell "mean ± se" over seeds (bars with se error bars)
+    figure2.png/json  PAFT Figure 2: share of |δ| < τ vs τ (fp32 deltas) and over training steps
+    FINDINGS.md     each claim decided by a paired comparison over seeds (evals.findings)
+
+    se = sd / √n with the n − 1 sample standard deviation; with one seed se is undefined (shown "–").
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+from evals.findings import FindingsConfig, add_scores, claims, default_groups, mean_se, render, write_findings
+
+SCORE_COLUMNS = ["helpful", "harmless", "combined_hh"]
+
+
+def seed_config(cfg, seed: int):
+    """The pipeline of one seed: its own output folder, train.seed=seed on every stage."""
+    stages = {n: dataclasses.replace(s, overrides=[*s.overrides, f"train.seed={seed}"])
+              for n, s in cfg.stages.items()}
+    return dataclasses.replace(cfg, seeds=[], output_dir=os.path.join(cfg.output_dir, f"seed-{seed}"),
+                               stages=stages)
+
+
+def _reuse_base_eval(first_dir: str, seed_dir: str) -> None:
+    src = os.path.join(first_dir, "evals", "base.json")
+    dst = os.path.join(seed_dir, "evals", "base.json")
+    if os.path.isfile(src) and not os.path.exists(dst):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.copyfile(src, dst)
+        print(f"pipeline: evaluate base: same for every seed, reused {src}", flush=True)
+
+
+def aggregate(per_seed: dict[int, list[dict]], columns: list[str]) -> dict[str, dict]:
+    """{variant: {column: {"mean", "se", "n", "values": {seed: v}}}} over the seeds that have it."""
+    names = []
+    for rows in per_seed.values():
+        names += [r["name"] for r in rows if r["name"] not in names]
+    out = {}
+    for name in names:
+        cells = {}
+        for c in columns:
+            values = {}
+            for seed, rows in per_seed.items():
+                for r in rows:
+                    v = r.get(c)
+                    if r["name"] == name and isinstance(v, (int, float)) and not isinstance(v, bool):
+                        values[seed] = float(v)
+            if values:
+                m, se = mean_se(list(values.values()))
+                cells[c] = {"mean": m, "se": None if se != se else se, "n": len(values), "values": values}
+        out[name] = cells
+    return out
+
+
+def run_seeds(cfg) -> dict:
+    from engine.pipeline import PAPER_COLUMNS, run_pipeline
+    from evals.report import default_columns, write_report
+
+    fc = cfg.findings or FindingsConfig()
+    per_seed: dict[int, list[dict]] = {}
+    first_dir = None
+    for seed in cfg.seeds:
+        sub = seed_config(cfg, seed)
+        print(f"pipeline: ==== seed {seed} -> {sub.output_dir}", flush=True)
+        if first_dir is not None:
+            _reuse_base_eval(first_dir, sub.output_dir)
+        per_seed[seed] = run_pipeline(sub)
+        first_dir = first_dir or sub.output_dir
+
+    # ---- the scores of each row, then the mean ± se table
+    all_rows = [r for rows in per_seed.values() for r in rows]
+    headline = default_columns(all_rows)
+    helpful, harmless = (fc.helpful, fc.harmless) if (fc.helpful or fc.harmless) else default_groups(headline)
+    per_seed = {s: [add_scores(r, helpful, harmless) for r in rows] for s, rows in per_seed.items()}
+    wanted = list(dict.fromkeys([c.removeprefix("1-") for c in helpful + harmless] + headline
+                                + [c for c in PAPER_COLUMNS if c != "combined"]))
+    all_rows = [r for rows in per_seed.values() for r in rows]
+    columns = [c for c in wanted if any(isinstance(r.get(c), (int, float)) for r in all_rows)]
+    columns += [c for c in SCORE_COLUMNS if any(r.get(c) is not None for r in all_rows)]
+    variants = aggregate(per_seed, columns)
+    table_rows = [{"name": name, **cells} for name, cells in variants.items()]
+    n_seeds = len(cfg.seeds)
+    write_report(table_rows, columns, cfg.output_dir,
+                 title=f"PAFT on {cfg.model}: mean ± se over {n_seeds} seed(s) {list(cfg.seeds)}")
+
+    # ---- PAFT Figure 2 from the stages' fp32 deltas (and their kept checkpoints)
+    fig = figure2(cfg, fc)
+
+    # ---- FINDINGS.md
+    found = claims(per_seed, fc)
+    notes = [f"Seeds: {list(cfg.seeds)}; base model {cfg.model}; per-seed outputs under {cfg.output_dir}/seed-<k>/.",
+             "Items per task (n): " + (", ".join(_task_ns(all_rows)) or "–") + "."]
+    if fig:
+        notes.append("Figure 2 (figure2.png): share of |δ| < τ at τ = " + ", ".join(f"{t:g}" for t in fig["thresholds"])
+                     + "; mean over seeds: " + "; ".join(
+                         f"{n}: " + " ".join(f"{sum(c[k] for c in cs) / len(cs):.3f}" for k in range(len(fig["thresholds"])))
+                         for n, cs in fig["curves"].items()) + ".")
+    text = render(found, fc, f"PAFT on {cfg.model}, {n_seeds} seeds", notes, helpful, harmless)
+    write_findings(os.path.join(cfg.output_dir, "FINDINGS.md"), text)
+
+    result = {"seeds": list(cfg.seeds), "columns": columns, "helpful": helpful, "harmless": harmless,
+              "variants": variants, "per_seed": per_seed, "claims": found, "figure2": fig}
+    path = os.path.join(cfg.output_dir, "results.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
+    print(open(os.path.join(cfg.output_dir, "results.md")).read())
+    print("\n".join(text.splitlines()[: 12 + len(found)]))
+    return result
+
+
+def _task_ns(rows: list[dict]) -> list[str]:
+    ns = {}
+    for r in rows:
+        for k, v in r.items():
+            if k.endswith("/n") and isinstance(v, (int, float)):
+                ns.setdefault(k[:-2], set()).add(int(v))
+    return [f"{t} {'/'.join(map(str, sorted(v)))}" for t, v in ns.items()]
+
+
+def figure2(cfg, fc: FindingsConfig) -> dict | None:
+    """Curves for the SFT, SFT_sparse and DPO stages of every seed; figure2.png and figure2.json."""
+    from merge.figure2 import STEP_THRESHOLDS, THRESHOLDS, curve, plot, steps_curve
+    import torch
+
+    names = [n for n in (fc.sft, fc.sft_sparse, fc.dpo) if n in cfg.stages]
+    if not names:
+        return None
+    curves, steps = {}, {}
+    with torch.no_grad():
+        for seed in cfg.seeds:
+            seed_dir = os.path.join(cfg.output_dir, f"seed-{seed}")
+            for n in names:
+                stage_dir = os.path.join(seed_dir, n)
+                if not os.path.isdir(os.path.join(stage_dir, "adapter")):
+                    continue
+                curves.setdefault(n, []).append(curve(os.path.join(stage_dir, "adapter")))
+                steps.setdefault(n, []).append(steps_curve(stage_dir))
+    if not curves:
+        return None
+    plot(curves, steps, os.path.join(cfg.output_dir, "figure2.png"))
+    data = {"thresholds": THRESHOLDS, "step_thresholds": STEP_THRESHOLDS, "curves": curves,
+            "steps": {n: [{str(k): v for k, v in s.items()} for s in ss] for n, ss in steps.items()}}
+    with open(os.path.join(cfg.output_dir, "figure2.json"), "w") as f:
+        json.dump(data, f, indent=1)
+    return data
