@@ -88,3 +88,13 @@ def _vm_hwm_kib() -> int:
     if match is None:
         raise ValueError("no VmHWM in /proc/self/status")
     return int(match.group(1))
+
+
+def gpu_driver() -> str | None:
+    """The NVIDIA driver version nvidia-smi reports, or None where there is none (recorded with every GPU result)."""
+    import subprocess
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -29,7 +29,7 @@ import time
 import torch
 import torch.nn as nn
 
-from benchmarks.common import device_slug, write_json
+from benchmarks.common import device_slug, gpu_driver, write_json
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 NO_CUDA = "no CUDA device: GPU kernel benchmark not run"
@@ -147,12 +147,7 @@ def environment() -> dict:
         env["triton"] = None
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
-        try:
-            import subprocess
-            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, timeout=20).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            env["driver"] = None
+        env["driver"] = gpu_driver()
     else:
         env["gpu"], env["driver"] = None, None
     env["triton_interpret"] = os.environ.get("TRITON_INTERPRET") == "1"

@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from benchmarks.common import cpu_model_name, device_slug, write_result
+from benchmarks.common import cpu_model_name, device_slug, gpu_driver, write_result
 from kernels import prox_adamw as pak
 from kernels.l1_lowrank import l1_lowrank_dense, l1_lowrank_torch, l1_lowrank_triton
 from kernels.prox_adamw import ProxAdamW
@@ -71,12 +71,7 @@ def environment(device: str) -> dict:
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
-        try:
-            import subprocess
-            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, timeout=20).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            env["driver"] = None
+        env["driver"] = gpu_driver()
     else:
         env["cpu"] = cpu_model_name()
         env["threads"] = torch.get_num_threads()
