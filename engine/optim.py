@@ -65,10 +65,12 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, l1: floa
                      "DTensor shard of its own, which cannot be a view of one flat buffer")
             return torch.optim.AdamW(params, **kwargs, foreach=False)
         from kernels.prox_adamw import ProxAdamW, route
-        opt = ProxAdamW(params, **kwargs, l1=l1, backend=cfg.kernels)
+        # `cublas` names a LoRA-linear route; the optimizer step has no cuBLAS form, so it takes auto's choice
+        backend = "auto" if cfg.kernels == "cublas" else cfg.kernels
+        opt = ProxAdamW(params, **kwargs, l1=l1, backend=backend)
         announce(f"optimizer: ProxAdamW (AdamW{f' + L1 prox, lambda={l1:g}' if l1 > 0 else ''}) over one flat "
                  f"buffer of {opt.flat_param.numel():,} numbers ({len(params)} tensors), one "
-                 f"{route(cfg.kernels, opt.flat_param)} step per update")
+                 f"{route(backend, opt.flat_param)} step per update")
         return opt
     missing = []
     try:
