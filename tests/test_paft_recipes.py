@@ -61,7 +61,9 @@ def recipe(name: str, *overrides):
 # ---------------------------------------------------------------------------- 1. the files and their values
 
 def test_the_expected_files_and_nothing_else():
-    assert sorted(f for f in os.listdir(PAFT) if f.endswith(".yaml")) == sorted(TRAINING + PIPELINES)
+    # laptop.yaml is this project's own 3-seed CPU reproduction (tests/test_seeds.py runs its tiny twin),
+    # not one of the paper's settings, so it neither cites the paper nor belongs to these lists
+    assert sorted(f for f in os.listdir(PAFT) if f.endswith(".yaml") and f != "laptop.yaml") == sorted(TRAINING + PIPELINES)
     assert sorted(os.listdir(MERGES)) == MERGE_CONFIGS
     for name in TRAINING + PIPELINES + [os.path.join("merges", m) for m in MERGE_CONFIGS]:
         with open(os.path.join(PAFT, name)) as f:
