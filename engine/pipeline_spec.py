@@ -26,6 +26,7 @@ import json
 import os
 
 from engine.recipe import RecipeError, _closest, load_recipe, recipe_to_dict
+from engine.safeio import file_digest
 
 MERGE_KEYS = ("name", "method", "models", "weight", "density", "t", "lambda", "normalize")
 SWEPT = ("density", "t", "lambda")  # a list value of these is a sweep (engine.pipeline.merge_variants)
@@ -146,16 +147,6 @@ def strip_volatile(d: dict) -> dict:
 
 def fingerprint(spec) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def file_digest(*paths: str) -> str:
-    """sha256 over the bytes of files (an adapter's config and weights): the identity of an input."""
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def adapter_digest(adapter_dir: str) -> str:

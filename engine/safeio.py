@@ -131,11 +131,14 @@ def check_model_dir(path: str) -> None:
         read_json(index)
 
 
-def file_digest(path: str) -> str:
+def file_digest(*paths: str) -> str:
+    """sha256 over the bytes of one file, or of several read one after the other (an adapter's
+    config and weights as one input identity), read in 1 MiB blocks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()
 
 

