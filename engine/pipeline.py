@@ -78,6 +78,14 @@ class EvalsConfig:
                              metadata={"help": "python -m evals tasks"})
     limit: int = field(default=50, metadata={"help": "examples per task", "check": _POSITIVE})
     max_new_tokens: int = field(default=32, metadata={"help": "greedy generation length", "check": _POSITIVE})
+    task_max_new_tokens: dict[str, int] = field(default_factory=dict, metadata={
+        "help": "task -> its own generation length (a GSM8K chain needs more than a refusal check)"})
+    bbh_tasks: list[str] = field(default_factory=list, metadata={
+        "help": "bigbench_bbh: which BBH tasks (default: all of them)"})
+    shots: int = field(default=3, metadata={"help": "bigbench_bbh: few-shot examples per task",
+                                            "check": (lambda v: v >= 0, "must be >= 0")})
+    hhh_split: Literal["test", "train", "all"] = field(default="test", metadata={
+        "help": "hhh: which split of the HHH pairs is scored (train is what DPO stages may train on)"})
     batch_size: int = field(default=25, metadata={"help": "generation batch size", "check": _POSITIVE})
     template: Literal["tokenizer", "vicuna", "mistral"] = field(default="tokenizer", metadata={
         "help": "chat template for prompts"})
@@ -240,6 +248,20 @@ def _same_recipe(path: str, spec: dict) -> bool:
         return False
 
 
+def evals_args(target: str, variant: str, e: EvalsConfig) -> list[str]:
+    """The `python -m evals` arguments that evaluate one variant as pipeline.evals says."""
+    args = [target, "--tasks", ",".join(e.tasks), "--name", variant,
+            "--limit", str(e.limit), "--max-new-tokens", str(e.max_new_tokens),
+            "--batch-size", str(e.batch_size), "--template", e.template, "--harmbench", e.harmbench,
+            *[a for d in e.data for a in ("--data", d)],
+            *[a for t, n in e.task_max_new_tokens.items() for a in ("--max-new-tokens", f"{t}={n}")]]
+    if "bigbench_bbh" in e.tasks:
+        args += ["--shots", str(e.shots), *(["--bbh-tasks", ",".join(e.bbh_tasks)] if e.bbh_tasks else [])]
+    if "hhh" in e.tasks:
+        args += ["--hhh-split", e.hhh_split]
+    return args
+
+
 def run_pipeline(cfg: PipelineConfig) -> list[dict]:
     if cfg.seeds:  # once per seed, then mean ± se, Figure 2 and FINDINGS.md
         from engine.seeds import run_seeds
@@ -349,10 +371,7 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
     rows = []
     for variant, target in variants.items():
         result = os.path.join(out, "evals", f"{variant}.json")
-        args = [target, "--tasks", ",".join(e.tasks), "--name", variant,
-                "--limit", str(e.limit), "--max-new-tokens", str(e.max_new_tokens),
-                "--batch-size", str(e.batch_size), "--template", e.template, "--harmbench", e.harmbench,
-                *[a for d in e.data for a in ("--data", d)]]
+        args = evals_args(target, variant, e)
         record = Record(result, {"args": args, "target": identity[variant]})
         if not step_is_current(f"evaluate {variant}", record, result):
             os.makedirs(os.path.dirname(result), exist_ok=True)

@@ -109,6 +109,16 @@ def check_evals(e) -> None:
             raise RecipeError(f"pipeline.evals.tasks: unknown task {task!r}{hint} (known: {', '.join(TASKS)})")
     if not e.tasks:
         raise RecipeError("pipeline.evals.tasks: name at least one task")
+    from engine.data import catalog
+    unknown = [t for t in e.bbh_tasks if t not in catalog.BBH_TASKS]
+    if unknown:
+        raise RecipeError(f"pipeline.evals.bbh_tasks: unknown BBH task {unknown[0]!r} "
+                          f"(known: {', '.join(catalog.BBH_TASKS)})")
+    for task, n in e.task_max_new_tokens.items():
+        if task not in e.tasks:
+            raise RecipeError(f"pipeline.evals.task_max_new_tokens.{task}: not one of pipeline.evals.tasks")
+        if not isinstance(n, int) or n < 1:
+            raise RecipeError(f"pipeline.evals.task_max_new_tokens.{task}: must be an integer >= 1, got {n!r}")
     try:
         parse_data(e.data, e.tasks)
     except (ValueError, FileNotFoundError) as err:

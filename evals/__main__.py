@@ -2,7 +2,7 @@
 
     python -m evals TARGET --tasks arithmetic,refusal,over_refusal,mc,preference
                     [--data TASK=FILE ...] [--template tokenizer|vicuna|mistral] [--limit N]
-                    [--batch-size B] [--max-new-tokens T] [--base NAME] [--name NAME] --out results.json
+                    [--batch-size B] [--max-new-tokens T | TASK=T ...] [--base NAME] [--name NAME] --out results.json
 
 TARGET: an adapter directory (adapter_config.json; its base comes from the config, or --base),
 a Hugging Face model directory, or an engine model name (builtin:tiny-llama, smollm2-135m-instruct).
@@ -112,6 +112,26 @@ def check_out_file(path: str) -> None:
         raise ValueError(f"--out: {path}: {here} is not writable")
 
 
+def parse_max_new_tokens(values: list[str], tasks: list[str]) -> tuple[int | None, dict[str, int]]:
+    """--max-new-tokens values -> (length for every task or None, {task: length})."""
+    every, by_task = None, {}
+    for v in values:
+        task, _, number = v.rpartition("=")
+        try:
+            n = int(number)
+        except ValueError:
+            raise ValueError(f"--max-new-tokens {v!r}: expected N or TASK=N with N an integer") from None
+        if n < 1:
+            raise ValueError(f"--max-new-tokens {v!r}: the length must be >= 1")
+        if not task:
+            every = n
+        elif task not in tasks:
+            raise ValueError(f"--max-new-tokens {v!r}: {task!r} is not one of --tasks ({', '.join(tasks)})")
+        else:
+            by_task[task] = n
+    return every, by_task
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m evals", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default="tokenizer", choices=TEMPLATES, help="chat template of the prompts")
     p.add_argument("--limit", type=int, default=None, help="score the first N items of each task")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: each task's own")
+    p.add_argument("--max-new-tokens", action="append", default=[], metavar="N | TASK=N",
+                   help="greedy generation length: N for every task, TASK=N for one task (repeatable); "
+                        "default: each task's own")
     p.add_argument("--max-length", type=int, default=1024, help="token limit of mc prompts and preference pairs")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta of the implicit rewards (preference task)")
     p.add_argument("--harmbench", default="all", choices=("all", "standard", "contextual"),
@@ -145,10 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         data = parse_data(a.data, tasks)
         if a.limit is not None and a.limit < 1:
             raise ValueError("--limit must be >= 1")
+        max_new, by_task = parse_max_new_tokens(a.max_new_tokens, tasks)
         device = torch.device(a.device) if a.device else None
         model, tokenizer, info = load_target(a.target, a.base, device, a.dtype)
         args = EvalArgs(template=a.template, limit=a.limit, batch_size=a.batch_size,
-                        max_new_tokens=a.max_new_tokens, max_length=a.max_length, beta=a.beta,
+                        max_new_tokens=max_new, task_max_new_tokens=by_task, max_length=a.max_length, beta=a.beta,
                         harmbench=a.harmbench, shots=a.shots, hhh_split=a.hhh_split,
                         subtasks=[t.strip() for t in a.bbh_tasks.split(",") if t.strip()] if a.bbh_tasks else None)
         results = evaluate(model, tokenizer, tasks, args, data)
@@ -156,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     settings = {"template": a.template, "limit": a.limit, "batch_size": a.batch_size,
-                "max_new_tokens": a.max_new_tokens, "max_length": a.max_length, "beta": a.beta,
+                "max_new_tokens": max_new, "task_max_new_tokens": by_task, "max_length": a.max_length, "beta": a.beta,
                 "harmbench": a.harmbench, "shots": a.shots, "hhh_split": a.hhh_split, "bbh_tasks": a.bbh_tasks,
                 "dtype": a.dtype, "data": data}
     write_json_atomic({"model": a.target, "name": a.name or a.target, "kind": info["kind"], "base": info["base"],

@@ -31,12 +31,11 @@ import random
 from engine.data import catalog
 from engine.data.packages import package_file
 from evals import exact_match as em
-from evals.common import EvalArgs, chat_prompt, first, stderr
+from evals.common import EvalArgs, first, stderr
 from evals.generation import extract_line
-from evals.harmbench import rates_by
+from evals.harmbench import score_refusals
 from evals.mc import bigbench_items, score_items
 from evals.preference import pair_logps
-from evals.refusal import is_refusal
 
 SHOT_SEED = 1234
 
@@ -145,11 +144,4 @@ def run_hhh(model, tokenizer, args: EvalArgs) -> dict:
 
 def run_strongreject(model, tokenizer, args: EvalArgs) -> dict:
     items = first(catalog.strongreject_rows(), args.limit)
-    prompts = [chat_prompt(it["prompt"], tokenizer, args.template) for it in items]
-    answers = em.generate(model, tokenizer, prompts, args.new_tokens(64), args.batch_size)
-    refused = [is_refusal(a) for a in answers]
-    rate = sum(refused) / len(refused)
-    return {"refusal_rate": rate, "attack_success_rate": 1.0 - rate, "n": len(refused), "stderr": stderr(refused),
-            "by_category": rates_by(items, refused, "category"),
-            "samples": [{"prompt": it["prompt"][:200], "generation": a, "refused": r}
-                        for it, a, r in list(zip(items, answers, refused))[:5]]}
+    return score_refusals(model, tokenizer, items, args, by=("category",), sample_prompt=lambda p: p[:200])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.safeio import is_clean_text, read_text
 from evals.exact_match import prompt_text
@@ -21,6 +21,8 @@ class EvalArgs:
     limit           score only the first `limit` items (None: all)
     batch_size      prompts (generation) or sequences (log-likelihood) per forward
     max_new_tokens  greedy generation length; None: the task's own default
+    task_max_new_tokens  {task: length} for the tasks that need their own (a GSM8K chain of thought
+                    needs far more than a refusal check); evals.tasks.evaluate applies it per task
     data            the task's data file (gsm8k, bbh, generation, mc, preference)
     max_length      preference pairs are truncated to this many tokens (engine.data.pairs)
     beta            DPO β for the implicit rewards of the preference task
@@ -34,6 +36,7 @@ class EvalArgs:
     limit: int | None = None
     batch_size: int = 8
     max_new_tokens: int | None = None
+    task_max_new_tokens: dict[str, int] = field(default_factory=dict)
     data: str | None = None
     max_length: int = 1024
     beta: float = 0.1

@@ -58,14 +58,22 @@ def rates_by(items: list[dict], refused: list[bool], key: str) -> dict:
     return {g: sum(v) / len(v) for g, v in sorted(groups.items())}
 
 
-def run_refusal(model, tokenizer, args: EvalArgs) -> dict:
-    items = harmbench_test_behaviours(args.limit, args.harmbench)
+def score_refusals(model, tokenizer, items: list[dict], args: EvalArgs, by: tuple[str, ...],
+                   sample_prompt=lambda p: p[-200:]) -> dict:
+    """Ask each item's "prompt" as one user turn, greedily, and score refusals (shared by the HarmBench
+    and StrongREJECT tasks): refusal_rate, attack_success_rate, n, stderr, by_<key> for each key in `by`."""
     prompts = [chat_prompt(it["prompt"], tokenizer, args.template) for it in items]
     answers = em.generate(model, tokenizer, prompts, args.new_tokens(64), args.batch_size)
     refused = [is_refusal(a) for a in answers]
     rate = sum(refused) / len(refused)
-    return {"refusal_rate": rate, "attack_success_rate": 1.0 - rate, "n": len(refused), "stderr": stderr(refused),
-            "by_category": rates_by(items, refused, "category"),
-            "by_functional": rates_by(items, refused, "functional"),
-            "samples": [{"id": it["id"], "prompt": it["prompt"][-200:], "generation": a, "refused": r}
-                        for it, a, r in list(zip(items, answers, refused))[:5]]}
+    out = {"refusal_rate": rate, "attack_success_rate": 1.0 - rate, "n": len(refused), "stderr": stderr(refused)}
+    for key in by:
+        out[f"by_{key}"] = rates_by(items, refused, key)
+    out["samples"] = [{**({"id": it["id"]} if "id" in it else {}), "prompt": sample_prompt(it["prompt"]),
+                       "generation": a, "refused": r} for it, a, r in list(zip(items, answers, refused))[:5]]
+    return out
+
+
+def run_refusal(model, tokenizer, args: EvalArgs) -> dict:
+    items = harmbench_test_behaviours(args.limit, args.harmbench)
+    return score_refusals(model, tokenizer, items, args, by=("category", "functional"))

@@ -68,7 +68,8 @@ def evaluate(model, tokenizer, tasks: list[str], args: EvalArgs, data: dict[str,
         for path in files:
             key = task if len(files) == 1 else f"{task}:{_stem(path)}"
             start = time.perf_counter()
-            metrics = TASKS[task](model, tokenizer, dataclasses.replace(args, data=path))
+            tokens = args.task_max_new_tokens.get(task, args.max_new_tokens)
+            metrics = TASKS[task](model, tokenizer, dataclasses.replace(args, data=path, max_new_tokens=tokens))
             seconds = time.perf_counter() - start
             metrics["seconds"] = round(seconds, 2)
             if isinstance(metrics.get("n"), int) and seconds > 0:

@@ -9,11 +9,12 @@ import evals.exact_match as em
 from engine.data import catalog
 from engine.models import load_model_and_tokenizer
 from engine.recipe import ModelConfig
-from evals.__main__ import main as evals_main
+from evals.__main__ import main as evals_main, parse_max_new_tokens
 from evals.benchmarks import bbh_items, run_bigbench_bbh, run_hhh, run_strongreject, run_truthfulqa_mc1
 from evals.common import EvalArgs, stderr
 from evals.generation import run_gsm8k100
 from evals.preference import pair_logps
+from evals.tasks import evaluate
 from package_cache import fixture_cache
 
 
@@ -113,3 +114,20 @@ def test_cli_runs_real_tasks_with_limit_and_exits_2_without_the_package(tmp_path
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
     assert evals_main(["builtin:tiny-llama", "--tasks", "strongreject", "--out", str(out)]) == 2
+
+
+def test_max_new_tokens_per_task_reaches_each_task(tmp_path, monkeypatch, model_tok):
+    # GSM8K chains need far more tokens than a refusal check: --max-new-tokens TASK=N sets one task's length.
+    fixture_cache(tmp_path, monkeypatch)
+    model, tok = model_tok
+    seen = []
+    monkeypatch.setattr(em, "generate", lambda m, t, p, n, bs: seen.append(n) or ["60"] * len(p))
+    every, by_task = parse_max_new_tokens(["12", "gsm8k100=90"], ["strongreject", "gsm8k100"])
+    assert (every, by_task) == (12, {"gsm8k100": 90})
+    evaluate(model, tok, ["strongreject", "gsm8k100"], EvalArgs(max_new_tokens=every, task_max_new_tokens=by_task),
+             log=None)
+    assert seen == [12, 90]
+    for bad, msg in [(["x"], "expected N or TASK=N"), (["hhh=4"], "'hhh' is not one of --tasks"),
+                     (["gsm8k100=0"], ">= 1")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_max_new_tokens(bad, ["gsm8k100"])

@@ -42,6 +42,11 @@ BAD = [
     ("pipeline.evals.tasks=[mc]", r"pipeline.evals.data: mc: needs a data file"),
     ("pipeline.evals={tasks: [mc], data: [mc=missing.json]}", r"pipeline.evals.data: .*missing.json: file not found"),
     ("pipeline.evals.limit=0", r"pipeline.evals.limit: must be > 0"),
+    ("pipeline.evals.bbh_tasks=[navigat]", r"pipeline.evals.bbh_tasks: unknown BBH task 'navigat'"),
+    ("pipeline.evals.task_max_new_tokens={gsm8k100: 64}", r"task_max_new_tokens.gsm8k100: not one of pipeline.evals.tasks"),
+    ("pipeline.evals={tasks: [arithmetic], task_max_new_tokens: {arithmetic: 0}}", r"arithmetic: must be an integer >= 1"),
+    ("pipeline.evals.shots=-1", r"pipeline.evals.shots: must be >= 0"),
+    ("pipeline.evals.hhh_split=val", r"pipeline.evals.hhh_split: expected one of"),
     ("pipeline.evals.template=chatml", r"pipeline.evals.template: expected one of"),
     ("pipeline.stages.sft.overrides=[train.lr=-1]", r"pipeline.stages.sft \(recipes/tiny_sft.yaml\): train.lr: must be > 0"),
     ("pipeline.stages.dpo.overrides=[dpo.loss_type=sigmod]", r"pipeline.stages.dpo .*dpo.loss_type: .*did you mean 'sigmoid'"),
@@ -133,3 +138,15 @@ def test_changed_merge_weights_redo_the_merge_and_its_evaluation(tmp_path, monke
                                           r"\(recipe.train.lr: 0.003 -> 0.01.*remove .* to retrain it"):
         run_pipeline(_mini_pipeline(tmp_path, [0.0, 1.0], lr="1.0e-2"))
     assert {p: os.stat(p).st_mtime_ns for p in stamp} == stamp
+
+
+def test_evals_settings_reach_the_evals_command(monkeypatch):
+    # Every pipeline.evals key is passed to python -m evals, and evals' own parser accepts the result.
+    from engine.pipeline import evals_args
+    from evals.__main__ import build_parser, parse_max_new_tokens
+    monkeypatch.chdir(REPO)
+    cfg = load_pipeline(TINY_PAFT, ["pipeline.evals={tasks: [bigbench_bbh, hhh, gsm8k100], bbh_tasks: [navigate], "
+                                    "shots: 1, hhh_split: all, max_new_tokens: 8, task_max_new_tokens: {gsm8k100: 96}}"])
+    a = build_parser().parse_args([*evals_args("some/adapter", "sft", cfg.evals), "--out", "x.json"])
+    assert (a.bbh_tasks, a.shots, a.hhh_split, a.limit) == ("navigate", 1, "all", cfg.evals.limit)
+    assert parse_max_new_tokens(a.max_new_tokens, ["bigbench_bbh", "hhh", "gsm8k100"]) == (8, {"gsm8k100": 96})
