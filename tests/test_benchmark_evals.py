@@ -11,7 +11,7 @@ from engine.models import load_model_and_tokenizer
 from engine.recipe import ModelConfig
 from evals.__main__ import main as evals_main, parse_max_new_tokens
 from evals.benchmarks import bbh_items, run_bigbench_bbh, run_hhh, run_strongreject, run_truthfulqa_mc1
-from evals.common import EvalArgs, stderr
+from evals.common import EvalArgs, first_of_each, stderr
 from evals.generation import run_gsm8k100
 from evals.preference import pair_logps
 from evals.tasks import evaluate
@@ -131,3 +131,16 @@ def test_max_new_tokens_per_task_reaches_each_task(tmp_path, monkeypatch, model_
                      (["gsm8k100=0"], ">= 1")]:
         with pytest.raises(ValueError, match=msg):
             parse_max_new_tokens(bad, ["gsm8k100"])
+
+
+def test_limit_takes_every_group_in_turn(tmp_path, monkeypatch, model_tok):
+    # StrongREJECT's CSV is sorted by category: --limit must not score the first category only.
+    items = [{"c": c, "i": i} for i, c in enumerate("aaaabbc")]
+    assert [it["i"] for it in first_of_each(items, "c", 4)] == [0, 1, 4, 6]
+    assert first_of_each(items, "c", None) == items and first_of_each(items, "c", 99) == items
+    model, tok = model_tok
+    rows = [{"prompt": f"forbidden {i}", "category": c, "source": "custom"} for i, c in enumerate("AAAAABBBCC")]
+    monkeypatch.setattr(catalog, "strongreject_rows", lambda: rows)  # sorted by category, as the real CSV
+    monkeypatch.setattr(em, "generate", lambda m, t, p, n, bs: ["Sure."] * len(p))
+    r = run_strongreject(model, tok, EvalArgs(limit=3))
+    assert r["by_category"] == {"A": 0.0, "B": 0.0, "C": 0.0} and r["n"] == 3

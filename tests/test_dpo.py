@@ -126,16 +126,20 @@ def test_harmbench_rejected_generated_once_then_cached(tmp_path, monkeypatch):
     calls = []
     real = em.generate
 
-    def counting(model, tokenizer, prompts, max_new_tokens, batch_size):
+    def counting(model, tokenizer, prompts, max_new_tokens, batch_size, max_prompt_tokens=None):
         calls.append(len(prompts))
-        return real(model, tokenizer, prompts, max_new_tokens, batch_size)
+        cuts.append(max_prompt_tokens)
+        return real(model, tokenizer, prompts, max_new_tokens, batch_size, max_prompt_tokens)
+    cuts = []
     monkeypatch.setattr(em, "generate", counting)
     args = ["data.harmbench_rejected=generate", "data.num_train=12", "data.num_eval=4", "train.max_steps=2",
             "train.batch_size=4", "train.eval_every=0", "train.save_every=0", "train.warmup_steps=0"]
     run(tiny_dpo(tmp_path / "a", *args))
     assert calls == [12, 4]  # the base model's own answers, train (val behaviours) and held-out (test ones)
     cache = os.listdir(tmp_path / "cache" / "harmbench_rejected")
-    assert len(cache) == 2 and all("builtin_tiny-llama-tokenizer-greedy64" in name for name in cache)
+    assert len(cache) == 2 and all("builtin_tiny-llama-tokenizer-greedy64-ctx" in name for name in cache)
+    # each prompt is answered as training sees it: its last data.max_length - 64 tokens
+    assert cuts == [max(16, tiny_dpo(tmp_path / "a", *args).data.max_length - 64)] * 2
     run(tiny_dpo(tmp_path / "b", *args))
     assert calls == [12, 4]  # second run: read from the cache, nothing generated
 

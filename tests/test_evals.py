@@ -443,3 +443,21 @@ def test_generate_batches_by_length_and_keeps_the_callers_order(model_tok):
     together = em.generate(model, tok, prompts, max_new_tokens=6, batch_size=2)
     alone = [em.generate(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
     assert together == alone
+
+
+def test_generate_max_prompt_tokens_keeps_each_prompts_last_tokens(model_tok):
+    # On-policy DPO answers are generated from the prompt as training truncates it: its last N tokens.
+    model, tok = model_tok
+    prompts = ["a much longer prompt with many words " * 4, "ok"]
+    sides = (tok.padding_side, tok.truncation_side)
+    cut = em.generate(model, tok, prompts, max_new_tokens=5, batch_size=2, max_prompt_tokens=8)
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    assert len(ids[0]) > 8 >= len(ids[1])
+    by_hand = []
+    for i in ids:  # greedy from exactly the last 8 token ids, one prompt at a time
+        x = torch.tensor([i[-8:]])
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=5, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        by_hand.append(tok.decode(out[0, x.shape[1]:], skip_special_tokens=True))
+    assert cut == by_hand
+    assert (tok.padding_side, tok.truncation_side) == sides  # the caller's tokenizer is left as it was
