@@ -18,6 +18,7 @@ setup(
         "pyyaml",
         "tqdm",
         "gguf>=0.10",       # transformers reads GGUF checkpoints with it (SmolLM2 quickstart)
+        "accelerate",       # ... and asks for accelerate when it loads one
         "matplotlib",       # loss curves and result plots
     ],
     extras_require={

@@ -348,3 +348,25 @@ def test_thakkar_slerp_runs_on_tiny_adapters(tiny, tmp_path):
     for k in out:
         assert out[k].dtype == torch.bfloat16
         torch.testing.assert_close(out[k].float(), M.slerp(a[k].float(), b[k].float(), 0.5), rtol=1e-2, atol=1e-3)
+
+
+def test_laptop_reproduction_validates_whole(tmp_path, monkeypatch):
+    # recipes/paft/laptop.yaml as a user runs it, after `python -m evals.laptop_data out/laptop/data`:
+    # every stage, merge and evaluation setting passes load_pipeline, and the variants are the issue's.
+    monkeypatch.chdir(tmp_path)
+    os.symlink(os.path.join(REPO, "recipes"), tmp_path / "recipes")
+    os.symlink(os.path.join(REPO, "evals"), tmp_path / "evals")  # evals/data/benign_prompts.jsonl
+    data = tmp_path / "out" / "laptop" / "data"
+    data.mkdir(parents=True)
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    (data / "sharegpt_train800.jsonl").write_text(json.dumps(chat) + "\n")
+    cfg = load_pipeline("recipes/paft/laptop.yaml")
+    assert cfg.seeds == [0, 1, 2]
+    assert set(cfg.stages) == {"sft", "sft_sparse", "dpo", "sequential", "sequential_sparse"}
+    variants = {v for spec in cfg.merges for v, _ in merge_variants(spec)}
+    assert variants == {"ties", "dare_ties", "task_arithmetic", "linear", "slerp", "ties_dense"}
+    assert {"bigbench_bbh", "truthfulqa_mc1", "hhh", "gsm8k100", "refusal", "strongreject"} <= set(cfg.evals.tasks)
+    assert cfg.evals.hhh_split == "test"  # the DPO stages train on HHH's train split
+    for column in cfg.findings.helpful + cfg.findings.harmless:  # every score column is one a task reports
+        task = column.removeprefix("1-").split("/")[0]
+        assert task in cfg.evals.tasks, column
