@@ -127,7 +127,7 @@ def run_truthfulqa_mc1(model, tokenizer, args: EvalArgs) -> dict:
 def run_hhh(model, tokenizer, args: EvalArgs) -> dict:
     rows = [r for r in catalog.hhh_rows(None, args.hhh_split) if r is not None]
     rows = first_of_each(rows, "subset", args.limit)  # `limit` pairs in all, from the subsets in turn
-    lp = pair_logps(model, tokenizer, rows, args)
+    lp = pair_logps(model, tokenizer, rows, args, reference=False)  # accuracy needs the policy's log-probs only
     hits = [bool(c > r) for c, r in zip(lp["chosen"].tolist(), lp["rejected"].tolist())]
     kept = lp["kept"]
     by_subset = {}

@@ -57,17 +57,18 @@ def _batch(pairs: list[dict], pad_id: int, device) -> dict:
 
 
 @torch.no_grad()
-def pair_logps(model, tokenizer, examples: list[dict], args: EvalArgs) -> dict:
+def pair_logps(model, tokenizer, examples: list[dict], args: EvalArgs, reference: bool = True) -> dict:
     """{"chosen", "rejected"}: (n,) policy log-prob sums; "ref_chosen", "ref_rejected" too when the
-    model has LoRA adapters; "kept": the examples scored (a pair with no answer token left after
-    truncation to max_length is dropped, as in training)."""
+    model has LoRA adapters and `reference` is asked for (a second forward, adapters off); "kept":
+    the examples scored (a pair with no answer token left after truncation to max_length is
+    dropped, as in training)."""
     encoded = [(ex, encode_pair(ex, tokenizer, args.template, args.max_length)) for ex in examples]
     kept = [ex for ex, enc in encoded if enc is not None]
     encoded = [enc for _, enc in encoded if enc is not None]
     if not encoded:
         raise ValueError("preference: no pair left after tokenization")
     device = next(model.parameters()).device
-    has_adapter = bool(lora_parameters(model))
+    has_adapter = reference and bool(lora_parameters(model))
     # Pairs of similar length share a batch (longest first), so few rows are padded far; the
     # results are put back in the examples' order.
     size = [max(len(p["chosen_input_ids"]), len(p["rejected_input_ids"])) for p in encoded]
