@@ -365,7 +365,7 @@ def test_laptop_reproduction_validates_whole(tmp_path, monkeypatch):
     assert set(cfg.stages) == {"sft", "sft_sparse", "dpo", "sequential", "sequential_sparse"}
     variants = {v for spec in cfg.merges for v, _ in merge_variants(spec)}
     assert variants == {"ties", "dare_ties", "task_arithmetic", "linear", "slerp", "ties_dense"}
-    assert {"bigbench_bbh", "truthfulqa_mc1", "hhh", "gsm8k100", "refusal", "strongreject"} <= set(cfg.evals.tasks)
+    assert {"bigbench_bbh", "truthfulqa_mc1", "hhh", "refusal", "strongreject"} <= set(cfg.evals.tasks)
     assert cfg.evals.hhh_split == "test"  # the DPO stages train on HHH's train split
     for column in cfg.findings.helpful + cfg.findings.harmless:  # every score column is one a task reports
         task = column.removeprefix("1-").split("/")[0]
