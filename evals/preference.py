@@ -68,7 +68,7 @@ def pair_logps(model, tokenizer, examples: list[dict], args: EvalArgs, reference
     if not encoded:
         raise ValueError("preference: no pair left after tokenization")
     device = next(model.parameters()).device
-    has_adapter = reference and bool(lora_parameters(model))
+    with_reference = reference and bool(lora_parameters(model))  # a LoRA model has a reference: adapters off
     # Pairs of similar length share a batch (longest first), so few rows are padded far; the
     # results are put back in the examples' order.
     size = [max(len(p["chosen_input_ids"]), len(p["rejected_input_ids"])) for p in encoded]
@@ -81,10 +81,10 @@ def pair_logps(model, tokenizer, examples: list[dict], args: EvalArgs, reference
             batch = _batch([encoded[i] for i in idx], tokenizer.pad_token_id, device)
             logps = preference_forward(model, batch, n)["logps"].float().cpu()  # (2n,) chosen then rejected
             parts["chosen"][idx], parts["rejected"][idx] = logps[:n], logps[n:]
-            if has_adapter:
+            if with_reference:
                 ref = reference_logps(model, batch, n).float().cpu()  # adapters off: the base model
                 parts["ref_chosen"][idx], parts["ref_rejected"][idx] = ref[:n], ref[n:]
-    out = {k: v for k, v in parts.items() if has_adapter or not k.startswith("ref_")}
+    out = {k: v for k, v in parts.items() if with_reference or not k.startswith("ref_")}
     out["kept"] = kept
     return out
 
