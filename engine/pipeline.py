@@ -53,8 +53,6 @@ from engine.pipeline_spec import Record, adapter_digest
 from engine.recipe import RecipeError, _build, _set_dotted, check_output_dir, parse_overrides, unknown_key_error
 from engine.safeio import read_yaml
 from evals.findings import FindingsConfig
-from engine.recipe import RecipeError, _build, _set_dotted, parse_overrides
-from evals.findings import FindingsConfig
 
 
 class PipelineStepFailed(RuntimeError):
@@ -281,8 +279,9 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
         return os.path.join(stage_dir(name), "adapter")
 
     def stage_command(name: str, stage: StageConfig, base: str) -> list[str]:
-        return [py, "-m", "engine.train", stage.recipe, *stage.overrides, f"model.name={base}",
-                f"output_dir={stage_dir(name)}", "train.resume=auto", "logging.progress_bar=false", *thread_args]
+        return [py, "-m", "engine.train", stage.recipe, *spec_check.stage_overrides(cfg, name, stage),
+                f"model.name={base}", f"output_dir={stage_dir(name)}", "train.resume=auto",
+                "logging.progress_bar=false", *thread_args]
 
     def finished(name: str) -> bool:
         return _done(os.path.join(stage_dir(name), "summary.json"))

@@ -125,13 +125,33 @@ def check_evals(e) -> None:
         raise RecipeError(f"pipeline.evals.data: {err}") from None
 
 
+def stage_overrides(cfg, name: str, stage) -> list[str]:
+    """The overrides a stage runs with: its own, then one the pipeline adds.
+
+    A stage trained `after` another whose pairs include builtin:harmbench with generated rejected
+    answers takes them from the shared base (data.rejected_from), as the parallel DPO arm does:
+    PAFT's sequential baseline differs from the parallel arm in where it starts, not in its data.
+    (It also reuses the base's cached answers instead of generating them again.)"""
+    overrides = list(stage.overrides)
+    if stage.after is None:
+        return overrides
+    try:
+        d = load_recipe(stage.recipe, overrides).data
+    except RecipeError as e:
+        raise RecipeError(f"pipeline.stages.{name} ({stage.recipe}): {e}") from None
+    sources = d.source if isinstance(d.source, list) else [d.source]
+    if "builtin:harmbench" in sources and d.harmbench_rejected == "generate" and d.rejected_from is None:
+        overrides.append(f"data.rejected_from={cfg.model}")
+    return overrides
+
+
 def stage_spec(cfg, name: str, stage, folded: str | None) -> dict:
     """The stage's recipe as the stage runs it, validated now (RecipeError names the stage).
 
     A stage trained after another one starts from a folded model that does not exist yet; it is
     validated with the shared base and recorded with the folded directory as its model.name."""
-    overrides = [*stage.overrides, f"model.name={cfg.model}", "output_dir=.", "train.resume=auto",
-                 "logging.progress_bar=false"]  # as engine.pipeline's stage command runs it
+    overrides = [*stage_overrides(cfg, name, stage), f"model.name={cfg.model}", "output_dir=.",
+                 "train.resume=auto", "logging.progress_bar=false"]  # as engine.pipeline's stage command runs it
     try:
         recipe = load_recipe(stage.recipe, overrides)
     except RecipeError as e:

@@ -134,6 +134,10 @@ class DataConfig:
     harmbench_rejected: Literal["generate", "template"] = field(default="generate", metadata=_help(
         "builtin:harmbench 'rejected' answers: the base model's own completions (generated once, cached) "
         "or a templated compliance (no generation; for tests)"))
+    rejected_from: Optional[str] = field(default=None, metadata=_help(
+        "harmbench_rejected: generate: the model whose own greedy answers are the rejected side (a model name "
+        "or directory; default: model.name, the model being trained). A pipeline sets it to its shared base "
+        "for `after` stages, so the sequential SFT -> DPO baseline trains on the parallel DPO arm's pairs"))
 
 
 @dataclass

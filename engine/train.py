@@ -24,6 +24,7 @@ good checkpoint, which is verified intact and finite, so it resumes).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -157,19 +158,27 @@ def preference_data(recipe: Recipe, tokenizer, model):
     # whole 1,000-token context would be an answer to a prompt it is never trained on, at ~10x the cost.
     context = max(16, d.max_length - REJECTED_TOKENS)
 
+    # Whose answers are the rejected side: the model being trained (its adapter is still zero here,
+    # so this is its base), or data.rejected_from (a pipeline's `after` stage: the shared base).
+    author = d.rejected_from or recipe.model.name
+
     def generate_rejected(prompts: list[list[dict]]) -> list[str]:
-        # builtin:harmbench's rejected answers are the base model's own completions (the adapter is
-        # still zero here, so this is the base model).
         from evals.exact_match import generate, prompt_text
-        texts = [prompt_text(p + [{"role": "assistant", "content": "."}], tokenizer, d.template) for p in prompts]
-        print(f"data: generating {len(texts)} base-model completions for builtin:harmbench "
+        gen_model, gen_tokenizer = model, tokenizer
+        if author != recipe.model.name:
+            gen_model, gen_tokenizer = load_model_and_tokenizer(dataclasses.replace(recipe.model, name=author),
+                                                                next(model.parameters()).device)
+        texts = [prompt_text(p + [{"role": "assistant", "content": "."}], gen_tokenizer, d.template) for p in prompts]
+        print(f"data: generating {len(texts)} completions of {author} for builtin:harmbench "
               f"(prompts cut to their last {context} tokens; cached afterwards)")
-        return generate(model, tokenizer, texts, max_new_tokens=REJECTED_TOKENS, batch_size=16,
+        # 32 rows a batch: a greedy step on a CPU costs about one pass over the weights whatever the
+        # batch, so the quickstart's 24 prompts take one batch of 64 steps, not two.
+        return generate(gen_model, gen_tokenizer, texts, max_new_tokens=REJECTED_TOKENS, batch_size=32,
                         max_prompt_tokens=context)
 
     # The cache of generated answers is keyed by everything that shapes them: model, template, lengths.
     extra = dict(generate_fn=generate_rejected, cache_dir=cache_root(recipe.model),
-                 model_key=f"{_safe_name(recipe.model.name)}-{d.template}-greedy{REJECTED_TOKENS}-ctx{context}")
+                 model_key=f"{_safe_name(author)}-{d.template}-greedy{REJECTED_TOKENS}-ctx{context}")
     train_rows, report = load_preference_examples(d, "train", **extra)
     eval_rows, _ = load_preference_examples(d, "eval", **extra)
     train_enc, enc_report = encode_pairs(train_rows, tokenizer, d.template, d.max_length)

@@ -16,7 +16,8 @@ from evals.__main__ import main as evals_main
 from evals.common import EvalArgs, chat_prompt
 from evals.generation import extract_last_number, extract_line, extract_reference, run_bbh, run_generation, run_gsm8k
 from evals.harmbench import harmbench_test_behaviours, run_refusal
-from evals.mc import bigbench_items, jsonl_items, run_mc, score_items
+import evals.mc as mc
+from evals.mc import bigbench_items, common_prefix_length, jsonl_items, run_mc, score_items
 from evals.over_refusal import benign_prompts, run_over_refusal
 from evals.arithmetic import run_arithmetic
 from evals.preference import run_preference
@@ -273,6 +274,30 @@ def test_mc_scores_equal_full_logit_logprobs(model_tok, batch_size):
         assert it["norm_scores"] == pytest.approx([d / n for d, n in zip(direct, lengths)], abs=1e-5)
 
 
+def test_common_prefix_length():
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix_length([[1, 2], [1, 2, 3]]) == 2
+    assert common_prefix_length([[7, 1], [1, 7]]) == 0
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_mc_shared_header_is_cached_once_and_scores_as_the_full_forward(model_tok, monkeypatch, batch_size):
+    """Every request starts with one long header (as a few-shot prompt does): the cached path runs,
+    and each log-prob equals the full, unpadded forward's."""
+    model, tok = model_tok
+    header = "Answer each question with the word that fits. " * 6 + "\n"
+    items = [{**it, "context": header + it["context"]} for it in jsonl_items(MMLU)]
+    calls = []
+    real = mc._hidden_after_prefix
+    monkeypatch.setattr(mc, "_hidden_after_prefix", lambda *a: calls.append(a[2]) or real(*a))
+    scored = score_items(model, tok, items, batch_size=batch_size)
+    assert calls and min(calls) >= mc.SHARED_PREFIX_MIN  # the shared path ran, from one prefix length
+    assert len(set(calls)) == 1
+    for it in scored:
+        direct = [direct_logp(model, tok, it["context"], " " + c) for c in it["choices"]]
+        assert it["scores"] == pytest.approx(direct, abs=1e-4)
+
+
 def test_mc_formats():
     items = jsonl_items(MMLU)
     assert [it["gold"] for it in items] == [[0], [1], [2]]  # index, letter "B", text "six"
@@ -291,7 +316,6 @@ def test_run_mc_accuracy(monkeypatch, model_tok):
     bb = run_mc(model, tok, EvalArgs(data=BIGBENCH))
     assert bb["n"] == 3 and bb["skipped"] == 1
     # Scores that favour the gold choice must give accuracy 1; favouring choice 3 ("O2", "Mars", "seven"), 0.
-    import evals.mc as mc
     gold_text = {"H2O", "Mercury", "six"}
     monkeypatch.setattr(mc, "continuation_logps", lambda m, t, reqs, bs, ml=1024:
                         [(0.0 if c.strip() in gold_text else -5.0, 1) for _, c in reqs])

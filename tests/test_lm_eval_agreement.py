@@ -18,7 +18,7 @@ from engine.models import load_model_and_tokenizer
 from engine.recipe import ModelConfig
 from evals.__main__ import main as evals_main
 from evals.loading import load_target
-from evals.mc import jsonl_items, score_items
+from evals.mc import SHARED_PREFIX_MIN, common_prefix_length, jsonl_items, score_items
 
 pytest.importorskip("lm_eval")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,17 +37,24 @@ metric_list:
   - metric: acc
   - metric: acc_norm
 """
+# A header before every question, as a few-shot benchmark has (TruthfulQA's 6-shot prefix): with it
+# evals.mc scores through its shared-prefix cache (the header's keys and values computed once).
+HEADER = ("Each question below has one right answer among several. Some answers are long and some "
+          "are short, a few use letters outside plain English, and none is a trick. Read the question, "
+          "then pick the answer that fits it best.\n\n")
 
 
 @pytest.mark.slow
-def test_mc_agrees_with_lm_eval_per_item(tmp_path):
+@pytest.mark.parametrize("header", ["", HEADER], ids=["plain", "shared_header"])
+def test_mc_agrees_with_lm_eval_per_item(tmp_path, header):
     torch.manual_seed(0)
     model, tok = load_model_and_tokenizer(ModelConfig(name="builtin:tiny-llama"), torch.device("cpu"))
     model_dir = tmp_path / "tiny"
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "task.yaml").write_text(TASK.format(data=DATA))
+    task = TASK.format(data=DATA) + (f"description: {json.dumps(header)}\n" if header else "")
+    (tmp_path / "tasks" / "task.yaml").write_text(task)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_HOME": str(tmp_path / "hf"), "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf",
@@ -62,7 +69,9 @@ def test_mc_agrees_with_lm_eval_per_item(tmp_path):
     totals = totals["results"]["paft_fixture_mc"]
 
     ours_model, ours_tok, _ = load_target(str(model_dir), None, torch.device("cpu"), "float32")
-    items = jsonl_items(DATA)
+    items = [{**it, "context": header + it["context"]} for it in jsonl_items(DATA)]
+    assert (common_prefix_length([ours_tok(it["context"])["input_ids"] for it in items]) >= SHARED_PREFIX_MIN) \
+        == bool(header)  # the header is long enough to take the cached path; without it, the plain one
     scored = score_items(ours_model, ours_tok, items, batch_size=4)
     assert len(scored) == len(ref) == 20
     for it, r in zip(scored, ref):
@@ -72,6 +81,8 @@ def test_mc_agrees_with_lm_eval_per_item(tmp_path):
         assert float(it["pred_norm"] in it["gold"]) == r["acc_norm"], f"acc_norm, doc {r['doc_id']}"
     assert {r["acc"] for r in ref} == {0.0, 1.0} or {r["acc_norm"] for r in ref} == {0.0, 1.0}
 
+    if header:  # the CLI reads the file as it is, with no header: its totals are the plain case's
+        return
     out = tmp_path / "ours.json"
     assert evals_main([str(model_dir), "--tasks", "mc", "--data", f"mc={DATA}", "--dtype", "float32",
                        "--batch-size", "4", "--out", str(out)]) == 0

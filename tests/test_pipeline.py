@@ -91,3 +91,22 @@ def test_slerp_merge_config_has_no_weights():
                            "base", {"a": "A", "b": "B"})
     assert [m["parameters"] for m in ties["models"]] == [{"weight": 1.0, "density": 0.3},
                                                           {"weight": 0.5, "density": 0.3}]
+
+
+def test_sequential_stage_trains_on_the_bases_generated_pairs(tmp_path):
+    """An `after` stage with generated builtin:harmbench answers gets data.rejected_from=<base>, so it
+    trains on the parallel DPO arm's pairs; a first stage, or templated answers, get nothing added."""
+    from engine.pipeline_spec import stage_overrides
+    dpo = os.path.join(REPO, "recipes", "quickstart", "dpo.yaml")
+    path = tmp_path / "p.yaml"
+    path.write_text("pipeline:\n  output_dir: " + str(tmp_path / "out") + "\n  model: builtin:tiny-llama\n"
+                    "  stages:\n"
+                    f"    sft: {{recipe: {os.path.join(REPO, 'recipes', 'tiny_sft.yaml')}}}\n"
+                    f"    dpo: {{recipe: {dpo}}}\n"
+                    f"    seq: {{recipe: {dpo}, after: sft}}\n"
+                    f"    seq_template: {{recipe: {dpo}, after: sft, overrides: [data.harmbench_rejected=template]}}\n"
+                    "  evals: {tasks: [arithmetic]}\n")
+    cfg = load_pipeline(str(path))
+    assert stage_overrides(cfg, "dpo", cfg.stages["dpo"]) == []
+    assert stage_overrides(cfg, "seq", cfg.stages["seq"]) == ["data.rejected_from=builtin:tiny-llama"]
+    assert stage_overrides(cfg, "seq_template", cfg.stages["seq_template"]) == ["data.harmbench_rejected=template"]
