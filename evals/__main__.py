@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--limit must be >= 1")
         max_new, by_task = parse_max_new_tokens(a.max_new_tokens, tasks)
         device = torch.device(a.device) if a.device else None
-        model, tokenizer, info = load_target(a.target, a.base, device, a.dtype)
+        # Only the preference task reads the reference (adapters off); for the others an fp32 adapter is folded in.
+        model, tokenizer, info = load_target(a.target, a.base, device, a.dtype, keep_adapters="preference" in tasks)
         args = EvalArgs(template=a.template, limit=a.limit, batch_size=a.batch_size,
                         max_new_tokens=max_new, task_max_new_tokens=by_task, max_length=a.max_length, beta=a.beta,
                         harmbench=a.harmbench, shots=a.shots, hhh_split=a.hhh_split,
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"template": a.template, "limit": a.limit, "batch_size": a.batch_size,
                 "max_new_tokens": max_new, "task_max_new_tokens": by_task, "max_length": a.max_length, "beta": a.beta,
                 "harmbench": a.harmbench, "shots": a.shots, "hhh_split": a.hhh_split, "bbh_tasks": a.bbh_tasks,
-                "dtype": a.dtype, "data": data}
+                "dtype": a.dtype, "data": data, "adapters": info["adapters"]}
     write_json_atomic({"model": a.target, "name": a.name or a.target, "kind": info["kind"], "base": info["base"],
                        "settings": settings, "tasks": results}, a.out)
     print(f"evals: wrote {a.out}")

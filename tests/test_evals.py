@@ -405,6 +405,17 @@ def test_cli_end_to_end_adapter_and_merged_model(tmp_path, capsys):
     assert list(res["tasks"]) == ["arithmetic", "mc", "preference", "refusal"]
     assert "reward_accuracy" in res["tasks"]["preference"] and res["tasks"]["mc"]["n"] == 2
     assert os.listdir(out.parent) == ["adapter.json"]  # no temporary file left behind
+    assert res["settings"]["adapters"] == "separate"  # preference needs the reference: adapters off
+
+    # Without the preference task the fp32 adapter is folded into the weights: the same scores.
+    folded = tmp_path / "res" / "folded.json"
+    assert evals_main([str(tmp_path / "adapter"), "--tasks", "mc", "--data", f"mc={MMLU}", "--limit", "2",
+                       "--out", str(folded)]) == 0
+    folded = json.loads(folded.read_text())
+    assert folded["settings"]["adapters"] == "folded into fp32 weights"
+    for a, b in zip(res["tasks"]["mc"]["samples"], folded["tasks"]["mc"]["samples"]):
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
+    os.remove(tmp_path / "res" / "folded.json")
 
     # The same weights merged into a plain HF directory give the same scores (and no reference).
     merge_lora(model)
