@@ -171,9 +171,7 @@ def preference_data(recipe: Recipe, tokenizer, model):
         texts = [prompt_text(p + [{"role": "assistant", "content": "."}], gen_tokenizer, d.template) for p in prompts]
         print(f"data: generating {len(texts)} completions of {author} for builtin:harmbench "
               f"(prompts cut to their last {context} tokens; cached afterwards)")
-        # 32 rows a batch: a greedy step on a CPU costs about one pass over the weights whatever the
-        # batch, so the quickstart's 24 prompts take one batch of 64 steps, not two.
-        return generate(gen_model, gen_tokenizer, texts, max_new_tokens=REJECTED_TOKENS, batch_size=32,
+        return generate(gen_model, gen_tokenizer, texts, max_new_tokens=REJECTED_TOKENS, batch_size=16,
                         max_prompt_tokens=context)
 
     # The cache of generated answers is keyed by everything that shapes them: model, template, lengths.
