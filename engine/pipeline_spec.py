@@ -132,17 +132,24 @@ def stage_overrides(cfg, name: str, stage) -> list[str]:
     answers takes them from the shared base (data.rejected_from), as the parallel DPO arm does:
     PAFT's sequential baseline differs from the parallel arm in where it starts, not in its data.
     (It also reuses the base's cached answers instead of generating them again.)"""
+    from engine.data.preference import HARMBENCH  # here: engine.data imports torch, a recipe check does not
     overrides = list(stage.overrides)
     if stage.after is None:
         return overrides
     try:
-        d = load_recipe(stage.recipe, overrides).data
+        d = load_recipe(stage.recipe, [*overrides, *_run_keys(cfg)]).data
     except RecipeError as e:
         raise RecipeError(f"pipeline.stages.{name} ({stage.recipe}): {e}") from None
     sources = d.source if isinstance(d.source, list) else [d.source]
-    if "builtin:harmbench" in sources and d.harmbench_rejected == "generate" and d.rejected_from is None:
+    if HARMBENCH in sources and d.harmbench_rejected == "generate" and d.rejected_from is None:
         overrides.append(f"data.rejected_from={cfg.model}")
     return overrides
+
+
+def _run_keys(cfg) -> list[str]:
+    """The keys engine.pipeline's stage command sets on every stage (an `after` stage's model.name is
+    the folded model, which does not exist yet at check time: the shared base stands in for it)."""
+    return [f"model.name={cfg.model}", "output_dir=.", "train.resume=auto", "logging.progress_bar=false"]
 
 
 def stage_spec(cfg, name: str, stage, folded: str | None) -> dict:
@@ -150,8 +157,7 @@ def stage_spec(cfg, name: str, stage, folded: str | None) -> dict:
 
     A stage trained after another one starts from a folded model that does not exist yet; it is
     validated with the shared base and recorded with the folded directory as its model.name."""
-    overrides = [*stage_overrides(cfg, name, stage), f"model.name={cfg.model}", "output_dir=.",
-                 "train.resume=auto", "logging.progress_bar=false"]  # as engine.pipeline's stage command runs it
+    overrides = [*stage_overrides(cfg, name, stage), *_run_keys(cfg)]
     try:
         recipe = load_recipe(stage.recipe, overrides)
     except RecipeError as e:

@@ -40,7 +40,7 @@ import yaml
 from engine import distributed as dist
 from engine.checkpoint import (find_resume_dir, last_good_checkpoint, list_checkpoints, load_checkpoint,
                                remove_stale_temporaries, save_checkpoint, set_aside, verify_checkpoint)
-from functools import partial
+from functools import cache, partial
 
 from engine.data import Batches, PairBatches, encode_all, encode_pairs, load_examples, load_preference_examples
 from engine.log import RunLog, plot_loss, read_metrics
@@ -162,12 +162,15 @@ def preference_data(recipe: Recipe, tokenizer, model):
     # so this is its base), or data.rejected_from (a pipeline's `after` stage: the shared base).
     author = d.rejected_from or recipe.model.name
 
+    @cache  # the train and the held-out split each call generate_rejected: load another author once
+    def author_model():
+        if author == recipe.model.name:
+            return model, tokenizer
+        return load_model_and_tokenizer(dataclasses.replace(recipe.model, name=author), next(model.parameters()).device)
+
     def generate_rejected(prompts: list[list[dict]]) -> list[str]:
         from evals.exact_match import generate, prompt_text
-        gen_model, gen_tokenizer = model, tokenizer
-        if author != recipe.model.name:
-            gen_model, gen_tokenizer = load_model_and_tokenizer(dataclasses.replace(recipe.model, name=author),
-                                                                next(model.parameters()).device)
+        gen_model, gen_tokenizer = author_model()
         texts = [prompt_text(p + [{"role": "assistant", "content": "."}], gen_tokenizer, d.template) for p in prompts]
         print(f"data: generating {len(texts)} completions of {author} for builtin:harmbench "
               f"(prompts cut to their last {context} tokens; cached afterwards)")
