@@ -5,12 +5,18 @@ setup(
     version="0.1.0",
     description="A small, teaching-grade LLM fine-tuning engine: LoRA/QLoRA, SFT, DPO, sparse merging",
     python_requires=">=3.10",
-    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "merge", "merge.*",
-                                    "evals", "evals.*", "benchmarks", "benchmarks.*"]),
+    # Import names that cannot shadow what a user has: Hugging Face's `kernels` (which transformers
+    # >= 5.25 imports) and OpenAI's `evals` are real packages, hence paft_kernels and paft_evals.
+    # benchmarks/ is not installed: it runs from the repository root (python -m benchmarks.<name>).
+    packages=find_packages(include=["engine", "engine.*", "paft_kernels", "paft_kernels.*", "merge", "merge.*",
+                                    "paft_evals", "paft_evals.*"]),
+    package_data={"paft_evals": ["data/*.jsonl"], "paft_kernels": ["routes/*.json"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
-        "transformers>=5.0",
+        # 5.17 is the GPU image's; 5.25 is the first that requires Hugging Face's `kernels` package.
+        # engine.models.enable_checkpointing and paft_evals.mc._cache_key bridge the renames in between.
+        "transformers>=5.17,<6",
         "safetensors>=0.4",
         "tokenizers>=0.20",
         "datasets>=3.0",
@@ -26,6 +32,6 @@ setup(
         "wandb": ["wandb"],
         # the peers the parity tests and benchmarks compare against
         "test": ["pytest", "hypothesis", "peft>=0.15", "trl>=0.20", "accelerate", "wandb", "bitsandbytes>=0.45",
-                 "lm-eval==0.4.13"],  # the reference evals.mc must agree with (tests/test_lm_eval_agreement.py)
+                 "lm-eval==0.4.13"],  # the reference paft_evals.mc must agree with (tests/test_lm_eval_agreement.py)
     },
 )

@@ -4,7 +4,7 @@
 
 No GPU needed: Triton's compile API with GPUTarget("cuda", 90, 32) runs the whole pipeline
 (TTIR -> TTGIR -> LLVM -> PTX -> ptxas -> cubin) with the ptxas Triton ships. Every module
-kernels/<name>.py that defines `compile_specs()` contributes its list of kernels.CompileSpec;
+paft_kernels/<name>.py that defines `compile_specs()` contributes its list of paft_kernels.CompileSpec;
 a module without one is reported as such, not skipped silently.
 
 Per spec it prints the registers per thread, the spill bytes (stores + loads to local memory),
@@ -38,8 +38,8 @@ HOPPER_SHARED = 232448  # bytes of shared memory one block may use on sm_90
 
 
 def kernel_modules() -> list[str]:
-    import kernels
-    return sorted(m.name for m in pkgutil.iter_modules(kernels.__path__) if not m.name.startswith("_"))
+    import paft_kernels
+    return sorted(m.name for m in pkgutil.iter_modules(paft_kernels.__path__) if not m.name.startswith("_"))
 
 
 def _ptxas() -> str:
@@ -66,14 +66,14 @@ def _ptxas_usage(ptx: str, kernel_name: str) -> dict:
 
 
 def compile_one(module: str, index: int) -> dict:
-    """Compile spec `index` of kernels.<module> for sm_90 and return its resource usage."""
+    """Compile spec `index` of paft_kernels.<module> for sm_90 and return its resource usage."""
     os.environ.pop("TRITON_INTERPRET", None)  # the jit functions must be real ones, not the interpreter's
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, said explicitly (no warning)
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    spec = importlib.import_module(f"kernels.{module}").compile_specs()[index]
+    spec = importlib.import_module(f"paft_kernels.{module}").compile_specs()[index]
     fn = spec.fn
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -101,7 +101,7 @@ def compile_one(module: str, index: int) -> dict:
 
 def _count_specs(module: str) -> int | str:
     os.environ.pop("TRITON_INTERPRET", None)
-    mod = importlib.import_module(f"kernels.{module}")
+    mod = importlib.import_module(f"paft_kernels.{module}")
     if not hasattr(mod, "compile_specs"):
         return "no compile_specs()"
     return len(mod.compile_specs())
@@ -129,12 +129,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--jobs", type=int, default=None, help="compile processes (default: CPU count)")
     ap.add_argument("--json", default=None, help="also write the table as JSON here")
-    ap.add_argument("--module", nargs="*", default=None, help="only these kernels/<module>.py")
+    ap.add_argument("--module", nargs="*", default=None, help="only these paft_kernels/<module>.py")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     res = compile_all(args.module, args.jobs)
     for mod, n in res["modules"].items():
-        print(f"kernels/{mod}.py: {n if isinstance(n, str) else f'{n} specs'}")
+        print(f"paft_kernels/{mod}.py: {n if isinstance(n, str) else f'{n} specs'}")
     print(f"\n{'kernel config':64s} {'warps':>5s} {'regs':>5s} {'spill B':>7s} {'smem B':>7s} {'v-ld':>4s} {'u8-ld':>5s} {'wgmma':>5s}")
     bad = 0
     for r in res["kernels"]:

@@ -10,7 +10,7 @@ Sections
                 `cublas` route and the `triton` route, timed by CUDA events (triton.testing.do_bench),
                 each with its launch counters (which code really ran), peak memory and, for triton, the
                 autotuner's picks. Targets (judged on a GPU only): best route ≤ 1.15× base, peft ≥ 1.3×
-                the best route. --write-routes turns a GPU run into kernels/routes/lora_linear_<gpu>.json,
+                the best route. --write-routes turns a GPU run into paft_kernels/routes/lora_linear_<gpu>.json,
                 the table train.kernels=auto follows.
   prox_l1       benchmarks/kernels_prox.py;  nf4_dequant  benchmarks/nf4_dequant.py (their own files).
 
@@ -102,9 +102,9 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 # fwd+bwd (gradients for x, A, B; W frozen), bf16. Systems at each point:
 #   base     F.linear(x, W) and its dx = dy W alone: the physical floor (no LoRA at all)
 #   peft     peft.tuners.lora.Linear around the same frozen nn.Linear (dropout 0: peft skips it)
-#   cublas   kernels.lora_linear route "cublas" (torch GEMM + in-place addmm_)
-#   triton   kernels.lora_linear route "triton" (the fused, autotuned kernels)
-# Every system's launch counters (kernels.lora_linear.ROUTE_CALLS / LAUNCHES) are recorded with its
+#   cublas   paft_kernels.lora_linear route "cublas" (torch GEMM + in-place addmm_)
+#   triton   paft_kernels.lora_linear route "triton" (the fused, autotuned kernels)
+# Every system's launch counters (paft_kernels.lora_linear.ROUTE_CALLS / LAUNCHES) are recorded with its
 # time, so a silent fallback would show; so are the peak memory and the autotuner's picks.
 
 LORA_SHAPES = [("llama2-7b", "q/k/v/o_proj", 4096, 4096), ("llama2-7b", "gate/up_proj", 4096, 11008),
@@ -155,7 +155,7 @@ def environment() -> dict:
 
 
 def _counters() -> dict:
-    from kernels import lora_linear as LL
+    from paft_kernels import lora_linear as LL
     return {**{f"route:{k}": v for k, v in LL.ROUTE_CALLS.items()}, **{f"kernel:{k}": v for k, v in LL.LAUNCHES.items()}}
 
 
@@ -164,8 +164,8 @@ def _delta(before: dict, after: dict) -> dict:
 
 
 def _lora_point(K, N, r, M, dtype, device, timer, triton_ok: bool) -> dict:
-    from kernels import lora_linear as LL
-    from kernels.lora_linear import lora_linear
+    from paft_kernels import lora_linear as LL
+    from paft_kernels.lora_linear import lora_linear
 
     peft_layer = _peft_layer(K, N, r, 2.0 * r, dtype, device)
     W = peft_layer.base_layer.weight                 # (N, K) frozen
@@ -289,11 +289,11 @@ def _print_row(row: dict) -> None:
 
 
 def write_routes(result: dict, path: str | None = None) -> str:
-    """kernels/routes/lora_linear_<gpu>.json from a GPU result: per (K, N, r), the route faster at the
+    """paft_kernels/routes/lora_linear_<gpu>.json from a GPU result: per (K, N, r), the route faster at the
     8k-token point (seq 2048), for `auto` to follow. Refuses a dry run."""
     if result.get("dry_run") or not result["environment"].get("gpu"):
         raise SystemExit("--write-routes: needs a GPU result (this is a dry run)")
-    from kernels.lora_linear import ROUTES_DIR, _slug
+    from paft_kernels.lora_linear import ROUTES_DIR, _slug
     gpu = result["environment"]["gpu"]
     routes = []
     for row in result["rows"]:
@@ -345,7 +345,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="lora_linear: write its JSON here (default on a GPU: "
                                   "benchmarks/results/kernels_lora_<gpu>.json; a dry run writes only with --out)")
     ap.add_argument("--write-routes", action="store_true",
-                    help="lora_linear on a GPU: also write kernels/routes/lora_linear_<gpu>.json for train.kernels=auto")
+                    help="lora_linear on a GPU: also write paft_kernels/routes/lora_linear_<gpu>.json for train.kernels=auto")
     args = ap.parse_args(argv)
 
     for name in args.only or list(SECTIONS):

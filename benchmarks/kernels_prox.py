@@ -7,7 +7,7 @@ down of every layer: 2 factors each), shapes built from the model's dimensions (
 loaded): Llama-2-7B on CUDA (224 layers, 448 factors, 40.0M numbers), SmolLM2-135M (the
 quickstart) and the tiny test model on CPU. Systems, each on its own copy of the same
 parameters and gradients:
-    ours      kernels.prox_adamw.ProxAdamW: factors and gradients in one flat fp32 buffer,
+    ours      paft_kernels.prox_adamw.ProxAdamW: factors and gradients in one flat fp32 buffer,
               one prox_adamw_step per optimizer step (Triton on CUDA, the torch op sequence on
               CPU); with l1 = 0 (the AdamW comparison) and with l1 > 0 (the prox step's price)
     torch     torch.optim.AdamW(foreach=False), (foreach=True) and, on CUDA, (fused=True),
@@ -17,7 +17,7 @@ is that over the measured time for every row alike; on CUDA it is also a share o
 bandwidth measured in the same run (dst.copy_(src) of as many fp32 numbers: 8 bytes each).
 Times: CUDA events through triton.testing.do_bench (median); CPU: median wall time of
 interleaved calls. Each row records the code path that ran: for ours the launch counter
-kernels.prox_adamw.LAUNCHES (triton / torch) over the timed calls; on CUDA also the peak
+paft_kernels.prox_adamw.LAUNCHES (triton / torch) over the timed calls; on CUDA also the peak
 memory the system allocated beyond the parameters and gradients.
 
 l1: value and gradients of λ‖s·B A‖₁ at 7B MLP/attention shapes (triton, the dense autograd
@@ -38,9 +38,9 @@ import time
 import torch
 
 from benchmarks.common import cpu_model_name, device_slug, gpu_driver, write_result
-from kernels import prox_adamw as pak
-from kernels.l1_lowrank import l1_lowrank_dense, l1_lowrank_torch, l1_lowrank_triton
-from kernels.prox_adamw import ProxAdamW
+from paft_kernels import prox_adamw as pak
+from paft_kernels.l1_lowrank import l1_lowrank_dense, l1_lowrank_torch, l1_lowrank_triton
+from paft_kernels.prox_adamw import ProxAdamW
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 LR, BETAS, EPS, WD, L1 = 1e-4, (0.9, 0.999), 1e-8, 0.01, 1e-3
@@ -152,7 +152,7 @@ def bench_optimizer(model: str, device: str, dry: bool) -> dict:
             fns[name]()
             launched = {k: v - before[k] for k, v in pak.LAUNCHES.items() if v - before[k]}
             rows[name]["launches_per_step"] = launched
-            rows[name]["backend"] = "kernels.prox_adamw, flat buffer, " + "+".join(launched)
+            rows[name]["backend"] = "paft_kernels.prox_adamw, flat buffer, " + "+".join(launched)
         else:
             rows[name]["backend"] = name
     if cuda:

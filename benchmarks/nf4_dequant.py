@@ -1,4 +1,4 @@
-"""NF4 dequantization throughput: kernels.nf4 against bitsandbytes on the same weight.
+"""NF4 dequantization throughput: paft_kernels.nf4 against bitsandbytes on the same weight.
 
     python -m benchmarks.nf4_dequant [--dry-run] [--out FILE.json] [--runs 20] [--warmup 3] [--threads N]
 
@@ -18,7 +18,7 @@ packed codes + scales (NF4Tensor.nbytes(): 0.5625 or 0.516 byte/weight) and writ
 (2 or 4 byte/weight). The roofline is the copy bandwidth, measured in the same run as
 dst.copy_(src) of a 256 MiB tensor (read + write counted); "of copy" is each row's share of it.
 The outputs of the two libraries are compared bit for bit ("identical"). Every row records the
-route that ran (kernels.nf4.LAUNCHES over its timed calls) and, on CUDA, the peak memory.
+route that ran (paft_kernels.nf4.LAUNCHES over its timed calls) and, on CUDA, the peak memory.
 --dry-run: small shapes, two calls, CPU: rehearses the script without a GPU (numbers meaningless).
 Writes benchmarks/results/<device>_nf4_dequant.json unless --out says otherwise.
 """
@@ -33,8 +33,8 @@ import torch
 
 from benchmarks.common import device_slug, write_json
 from benchmarks.kernels_prox import environment
-from kernels import nf4
-from kernels.nf4 import dequantize_nf4_torch, dequantize_nf4_triton, quantize_nf4, to_bnb
+from paft_kernels import nf4
+from paft_kernels.nf4 import dequantize_nf4_torch, dequantize_nf4_triton, quantize_nf4, to_bnb
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 # 33 x 71: a partial last block (the tail launch); an odd last dim, where bitsandbytes' CPU kernel is right
@@ -134,7 +134,7 @@ def main(argv=None) -> None:
                 row = {"shape": list(shape), "double_quant": dq, "impl": name, "out_dtype": str(out_dtype),
                        "ms": round(t * 1e3, 4), "GB_per_s": round(gbs, 2), "share_of_copy": round(gbs / copy_gbs, 3),
                        "bytes_moved": moved, "identical": identical[name],
-                       "kernels.nf4 launches": {k: v - before[k] for k, v in nf4.LAUNCHES.items() if v - before[k]}
+                       "paft_kernels.nf4 launches": {k: v - before[k] for k, v in nf4.LAUNCHES.items() if v - before[k]}
                        if name.startswith("ours") else None}
                 if device.type == "cuda":
                     row["peak_extra_MiB"] = round((torch.cuda.max_memory_allocated() - base) / 2 ** 20, 1)

@@ -264,7 +264,7 @@ def sync_grads(params: list[nn.Parameter]) -> None:
 
 def _one_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     """The 1-D tensor covering `tensors` when they are contiguous, back-to-back views of one
-    storage in list order (kernels.prox_adamw.flatten_params_ lays gradients out so), else None."""
+    storage in list order (paft_kernels.prox_adamw.flatten_params_ lays gradients out so), else None."""
     if not tensors or not all(t.is_contiguous() for t in tensors):
         return None
     storage = tensors[0].untyped_storage().data_ptr()

@@ -56,7 +56,7 @@ import tempfile
 import torch
 import torch.nn as nn
 
-from kernels.nf4 import dequantize_nf4, quantize_nf4
+from paft_kernels.nf4 import dequantize_nf4, quantize_nf4
 from engine.lora import CONFIG_FILE, _lora_modules, load_adapter, merge_lora
 from engine.models import load_model_and_tokenizer
 from engine.qlora import BLOCKSIZE

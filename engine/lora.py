@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from kernels.lora_linear import lora_linear
+from paft_kernels.lora_linear import lora_linear
 from engine.recipe import LoRAConfig
 from engine.safeio import load_safetensors, read_json
 
@@ -51,7 +51,7 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disabled = False
-        self.kernels = "auto"  # "auto" | "cublas" | "triton" | "torch": the LoRA linear route (kernels/lora_linear.py)
+        self.kernels = "auto"  # "auto" | "cublas" | "triton" | "torch": the LoRA linear route (paft_kernels/lora_linear.py)
         # The factors are the trainable master copy: fp32 even when the base is bf16.
         # skip_init: no throwaway default init (which would also draw from the global RNG).
         # They are initialised on the CPU, so a seed gives the same A on every device.
@@ -71,7 +71,7 @@ class LoRALinear(nn.Module):
             return self.base_layer(x)
         if isinstance(self.base_layer, nn.Linear):
             # y = x Wᵀ + b + s·dropout(x) Aᵀ Bᵀ by the route `kernels` names (train.kernels): cuBLAS GEMM +
-            # in-place addmm_, the fused Triton kernel, or the torch reference (kernels/lora_linear.py).
+            # in-place addmm_, the fused Triton kernel, or the torch reference (paft_kernels/lora_linear.py).
             p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
             return lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight,
                                self.lora_B.weight, self.scaling, p, self.training, backend=self.kernels)
@@ -174,7 +174,7 @@ def set_kernels(model: nn.Module, backend: str) -> None:
 
 def kernel_routes(model: nn.Module, device, dtype: torch.dtype) -> dict[str, list[tuple[str, str]]]:
     """{layer family (q_proj, ...): [(route, why), ...] over its layers}: what lora_linear will run."""
-    from kernels.lora_linear import describe_route
+    from paft_kernels.lora_linear import describe_route
     routes: dict[str, list[tuple[str, str]]] = {}
     for name, m in _lora_modules(model):
         family = name.rpartition(".")[2]

@@ -91,10 +91,24 @@ def load_model_and_tokenizer(cfg: ModelConfig,
         # embedding (LoRA) the layers' input does not require grad, and a checkpointed block
         # whose inputs need no grad can drop out of the backward pass (reentrant checkpointing
         # does); so use the non-reentrant kind and also make the embedding output require grad.
-        # (activation_checkpointing_enable is transformers 5's name for gradient_checkpointing_enable.)
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         model.enable_input_require_grads()
     return model, tokenizer
+
+
+def enable_checkpointing(model: PreTrainedModel) -> str:
+    """Turn on non-reentrant activation checkpointing across the supported transformers range.
+
+    transformers >= 5.2x calls it `activation_checkpointing_enable(activation_checkpointing_kwargs=)`;
+    5.17 (the GPU image's) has only the older `gradient_checkpointing_enable(gradient_checkpointing_kwargs=)`.
+    Returns the name of the method that ran."""
+    kwargs = {"use_reentrant": False}
+    new = getattr(model, "activation_checkpointing_enable", None)
+    if callable(new):
+        new(activation_checkpointing_kwargs=kwargs)
+        return "activation_checkpointing_enable"
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return "gradient_checkpointing_enable"
 
 
 def describe(model: PreTrainedModel) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.l1_lowrank import l1_lowrank, sparsity_of_product
+from paft_kernels.l1_lowrank import l1_lowrank, sparsity_of_product
 from engine.lora import LoRALinear
 from engine.losses import (dpo_loss, orpo_loss, preference_forward, reference_logps, sft_loss_sum,
                            uses_mean_logps)
@@ -106,7 +106,7 @@ def l1_penalty(model, lam: float, backend: str = "auto") -> torch.Tensor:
     """PAFT's sparsity term λ Σ_layers ‖s·B A‖₁ (eq. 1), added once per optimizer step.
 
     Its gradients, s·λ·Bᵀ sign(B A) for A and s·λ·sign(B A) Aᵀ for B, are computed tile by
-    tile without storing B A (kernels/l1_lowrank.py).
+    tile without storing B A (paft_kernels/l1_lowrank.py).
     """
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
     return sum(l1_lowrank(m.lora_A.weight, m.lora_B.weight, m.scaling, lam, backend) for m in layers)

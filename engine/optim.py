@@ -5,7 +5,7 @@ these are the factors A and B, a fraction of a percent of the model.
 
 `train.optimizer` picks the implementation:
 
-    adamw               AdamW (kernels.prox_adamw.ProxAdamW: one flat buffer, one fused step; see
+    adamw               AdamW (paft_kernels.prox_adamw.ProxAdamW: one flat buffer, one fused step; see
                         build_optimizer); moments m, v in fp32: 8 bytes per trainable parameter
     paged_adamw_32bit   bitsandbytes, the same update; moments of large tensors (>= 1e5 numbers)
                         live in CUDA unified memory, which the driver pages out to CPU RAM
@@ -43,7 +43,7 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, l1: floa
                     announce=print) -> torch.optim.Optimizer:
     """The optimizer `train.optimizer` names, over `params`, with the recipe's AdamW settings.
 
-    adamw (and any l1 > 0, recipe `l1.on: factors`): kernels.prox_adamw.ProxAdamW. The
+    adamw (and any l1 > 0, recipe `l1.on: factors`): paft_kernels.prox_adamw.ProxAdamW. The
     factors and their gradients are moved into one flat fp32 buffer and one step is one
     prox_adamw_step over it: AdamW, then the soft threshold p ← sign(p)·max(|p| − lr·l1, 0)
     when l1 > 0. On CUDA that is one Triton launch; on CPU the torch op sequence of
@@ -64,7 +64,7 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, l1: floa
             announce("optimizer: torch.optim.AdamW(foreach=False), per tensor: under fsdp2 every factor is a "
                      "DTensor shard of its own, which cannot be a view of one flat buffer")
             return torch.optim.AdamW(params, **kwargs, foreach=False)
-        from kernels.prox_adamw import ProxAdamW, route
+        from paft_kernels.prox_adamw import ProxAdamW, route
         # `cublas` names a LoRA-linear route; the optimizer step has no cuBLAS form, so it takes auto's choice
         backend = "auto" if cfg.kernels == "cublas" else cfg.kernels
         opt = ProxAdamW(params, **kwargs, l1=l1, backend=backend)

@@ -52,7 +52,7 @@ from engine import pipeline_spec as spec_check
 from engine.pipeline_spec import Record, adapter_digest
 from engine.recipe import RecipeError, _build, _set_dotted, check_output_dir, parse_overrides, unknown_key_error
 from engine.safeio import read_yaml
-from evals.findings import FindingsConfig
+from paft_evals.findings import FindingsConfig
 
 
 class PipelineStepFailed(RuntimeError):
@@ -73,7 +73,7 @@ _POSITIVE = (lambda v: v > 0, "must be > 0")
 @dataclass
 class EvalsConfig:
     tasks: list[str] = field(default_factory=lambda: ["arithmetic", "refusal", "over_refusal"],
-                             metadata={"help": "python -m evals tasks"})
+                             metadata={"help": "python -m paft_evals tasks"})
     limit: int = field(default=50, metadata={"help": "examples per task", "check": _POSITIVE})
     max_new_tokens: int = field(default=32, metadata={"help": "greedy generation length", "check": _POSITIVE})
     task_max_new_tokens: dict[str, int] = field(default_factory=dict, metadata={
@@ -90,7 +90,7 @@ class EvalsConfig:
     harmbench: Literal["all", "standard", "contextual"] = field(default="all", metadata={
         "help": "refusal task: HarmBench test behaviours all | standard | contextual"})
     data: list[str] = field(default_factory=list, metadata={
-        "help": "TASK=FILE data for the tasks that read files (mc, gsm8k, bbh, ...), as python -m evals --data"})
+        "help": "TASK=FILE data for the tasks that read files (mc, gsm8k, bbh, ...), as python -m paft_evals --data"})
 
 
 @dataclass
@@ -247,7 +247,7 @@ def _same_recipe(path: str, spec: dict) -> bool:
 
 
 def evals_args(target: str, variant: str, e: EvalsConfig) -> list[str]:
-    """The `python -m evals` arguments that evaluate one variant as pipeline.evals says."""
+    """The `python -m paft_evals` arguments that evaluate one variant as pipeline.evals says."""
     args = [target, "--tasks", ",".join(e.tasks), "--name", variant,
             "--limit", str(e.limit), "--max-new-tokens", str(e.max_new_tokens),
             "--batch-size", str(e.batch_size), "--template", e.template, "--harmbench", e.harmbench,
@@ -374,7 +374,7 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
         record = Record(result, {"args": args, "target": identity[variant]})
         if not step_is_current(f"evaluate {variant}", record, result):
             os.makedirs(os.path.dirname(result), exist_ok=True)
-            _call("evals", [*args, "--out", result], f"evaluate {variant}")
+            _call("paft_evals", [*args, "--out", result], f"evaluate {variant}")
             record.write()
         with open(result) as f:
             rows.append({"name": variant, **_flatten(json.load(f)["tasks"]),
@@ -382,7 +382,7 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
                                                identity[variant])})
 
     # ---- 5. the table
-    from evals.report import write_report
+    from paft_evals.report import write_report
     for r in rows:
         r["combined"] = combined_score(r)
     columns = [c for c in PAPER_COLUMNS if any(r.get(c) is not None for r in rows)]
@@ -395,7 +395,7 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
 
 # The metrics the papers' tables report, in the order they are printed.
 PAPER_COLUMNS = ["arithmetic/exact_match", "refusal/refusal_rate", "over_refusal/over_refusal_rate",
-                 "truthfulqa_mc1/accuracy", "hhh/accuracy", "bigbench_bbh/macro_score", "gsm8k100/exact_match",
+                 "truthfulqa_mc/accuracy", "hhh/accuracy", "bigbench_bbh/macro_score", "gsm8k100/exact_match",
                  "strongreject/refusal_rate", "combined", "sparsity"]
 COMBINED = ("arithmetic/exact_match", "refusal/refusal_rate", "over_refusal/over_refusal_rate")
 

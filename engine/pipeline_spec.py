@@ -100,8 +100,8 @@ def check_merge_variant(i: int, variant: str, config: dict) -> None:
 
 
 def check_evals(e) -> None:
-    from evals.__main__ import parse_data
-    from evals.tasks import TASKS
+    from paft_evals.__main__ import parse_data
+    from paft_evals.tasks import TASKS
     for task in e.tasks:
         if task not in TASKS:
             close = _closest(task, list(TASKS))

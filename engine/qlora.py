@@ -2,7 +2,7 @@
 
 LoRA trains only A and B, so the frozen weight W never needs a gradient or optimizer state;
 it only has to be *read* in forward and backward. QLoRA stores it as NF4 (4-bit NormalFloat,
-kernels.nf4) and turns it back into a float matrix just in time:
+paft_kernels.nf4) and turns it back into a float matrix just in time:
 
     y = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ        W = dequant(NF4(W₀)) in the compute dtype
                                                 (bf16 on GPU, x's dtype = fp32 on CPU)
@@ -46,8 +46,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.lora_linear import lora_linear
-from kernels.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from paft_kernels.lora_linear import lora_linear
+from paft_kernels.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from engine.lora import LoRALinear, lora_parameters
 
 BLOCKSIZE = 64  # weights per absmax scale, as in QLoRA
@@ -133,7 +133,7 @@ class QLoRALinear(LoRALinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, T, in) -> (B, T, out)
         if self.disabled:
             return self.base_layer(x)
-        # The fused LoRA linear (kernels/lora_linear.py) with W = dequant(NF4), produced by a
+        # The fused LoRA linear (paft_kernels/lora_linear.py) with W = dequant(NF4), produced by a
         # function so that backward dequantizes again rather than keeping W (the QLoRA memory saving).
         nf4 = self.base_layer
         dtype = _compute_dtype(x)

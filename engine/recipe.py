@@ -178,7 +178,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=_help("auto = cuda if available"))
     kernels: Literal["auto", "cublas", "triton", "torch"] = field(default="auto", metadata=_help(
         "LoRA linear route: auto (CPU: torch reference; CUDA: the route measured faster per shape in "
-        "kernels/routes/, cublas without a table; printed at start-up), cublas (torch GEMM + in-place addmm_), "
+        "paft_kernels/routes/, cublas without a table; printed at start-up), cublas (torch GEMM + in-place addmm_), "
         "triton (fused kernel; on CPU only under TRITON_INTERPRET=1, slowly) or torch (reference)"))
     threads: int = field(default=0, metadata=_help("torch CPU threads (0: torch's default)",
                                                    check=(lambda v: v >= 0, "must be >= 0")))

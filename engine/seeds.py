@@ -14,7 +14,7 @@ Outputs in <output_dir>:
                     "values": {seed: value}}}}, "per_seed": {seed: rows}}
     results.md/png  the table, each cell "mean ± se" over seeds (bars with se error bars)
     figure2.png/json  PAFT Figure 2: share of |δ| < τ vs τ (fp32 deltas) and over training steps
-    FINDINGS.md     each claim decided by a paired comparison over seeds (evals.findings)
+    FINDINGS.md     each claim decided by a paired comparison over seeds (paft_evals.findings)
 
     se = sd / √n with the n − 1 sample standard deviation; with one seed se is undefined (shown "–").
 """
@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 
-from evals.findings import FindingsConfig, add_scores, claims, default_groups, mean_se, render, write_findings
+from paft_evals.findings import FindingsConfig, add_scores, claims, default_groups, mean_se, render, write_findings
 
 SCORE_COLUMNS = ["helpful", "harmless", "combined_hh"]
 
@@ -71,7 +71,7 @@ def aggregate(per_seed: dict[int, list[dict]], columns: list[str]) -> dict[str, 
 
 def run_seeds(cfg) -> dict:
     from engine.pipeline import PAPER_COLUMNS, run_pipeline
-    from evals.report import default_columns, write_report
+    from paft_evals.report import default_columns, write_report
 
     fc = cfg.findings or FindingsConfig()
     per_seed: dict[int, list[dict]] = {}

@@ -47,7 +47,7 @@ from engine.log import RunLog, plot_loss, read_metrics
 from engine.lora import apply_lora, kernel_routes_line, lora_parameters, save_adapter, set_kernels
 from engine.losses import dpo_loss
 from engine.models import cache_root, describe, load_model_and_tokenizer
-from kernels.prox_adamw import l1_norm_of, zero_fraction
+from paft_kernels.prox_adamw import l1_norm_of, zero_fraction
 from engine.objectives import (delta_sparsity, dpo_objective, l1_penalty, orpo_objective, sft_objective,
                                step_totals)
 from engine.optim import build_optimizer, lr_at, set_lr
@@ -169,7 +169,7 @@ def preference_data(recipe: Recipe, tokenizer, model):
         return load_model_and_tokenizer(dataclasses.replace(recipe.model, name=author), next(model.parameters()).device)
 
     def generate_rejected(prompts: list[list[dict]]) -> list[str]:
-        from evals.exact_match import generate, prompt_text
+        from paft_evals.exact_match import generate, prompt_text
         gen_model, gen_tokenizer = author_model()
         texts = [prompt_text(p + [{"role": "assistant", "content": "."}], gen_tokenizer, d.template) for p in prompts]
         print(f"data: generating {len(texts)} completions of {author} for builtin:harmbench "
@@ -468,7 +468,7 @@ def _check_same_run(saved: dict, current: dict, ckpt: str) -> None:
 
 
 def _exact_match(model, tokenizer, rows, recipe: Recipe) -> dict:
-    from evals.exact_match import exact_match
+    from paft_evals.exact_match import exact_match
     return exact_match(model, tokenizer, rows[: recipe.eval.num_samples], recipe.data.template,
                        recipe.eval.max_new_tokens, recipe.eval.batch_size)
 

@@ -16,7 +16,7 @@ Output: a table on stdout, and in DIR (default: the input directory) `sparsity.j
 log10 |δ| over all entries (exact zeros counted apart). Both files are written to a
 temporary name and renamed, so a reader never sees half a file.
 
-Adapters use kernels.l1_lowrank.sparsity_of_product, which forms B A a chunk of rows
+Adapters use paft_kernels.l1_lowrank.sparsity_of_product, which forms B A a chunk of rows
 at a time; the histogram takes one more chunked pass. Nothing holds more than one layer.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.l1_lowrank import sparsity_of_product
+from paft_kernels.l1_lowrank import sparsity_of_product
 from engine.lora import atomic_write
 from merge.deltas import Adapter, Checkpoint, MergeError, open_model, remove_tree
 

@@ -1,6 +1,6 @@
 """Every shipped Triton config compiles for Hopper (sm_90) on this CPU, within Hopper's limits.
 
-benchmarks.aot compiles each kernels.CompileSpec with Triton's compile API for
+benchmarks.aot compiles each paft_kernels.CompileSpec with Triton's compile API for
 GPUTarget("cuda", 90, 32) and reads registers/spills (ptxas -v) and shared memory. This runs in
 CI, GPU or not. The compiles run in spawned processes with TRITON_INTERPRET removed from their
 environment, so the test is valid even inside an interpreted pytest session (where this
@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("triton")
 from benchmarks import aot  # noqa: E402
 
-OWN_MODULES = ("l1_lowrank", "nf4", "prox_adamw")  # kernels/lora_linear.py's specs come with its own work
+OWN_MODULES = ("l1_lowrank", "nf4", "prox_adamw")  # paft_kernels/lora_linear.py's specs come with its own work
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,6 @@ def test_nf4_dequant_dry_run(tmp_path):
     res = _run("benchmarks.nf4_dequant", str(tmp_path / "nf4.json"))
     assert res["dry_run"] and res["environment"]["torch"]
     ours = [r for r in res["rows"] if r["impl"].startswith("ours")]
-    assert ours and all(set(r["kernels.nf4 launches"]) == {"torch"} for r in ours)  # the route that ran
+    assert ours and all(set(r["paft_kernels.nf4 launches"]) == {"torch"} for r in ours)  # the route that ran
     assert all(r["identical"]["to_torch_reference"] for r in res["rows"])
     assert all(r["identical"]["to_bnb"] for r in res["rows"] if r["identical"]["to_bnb"] is not None)

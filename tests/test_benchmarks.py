@@ -15,6 +15,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -125,7 +126,7 @@ def test_gpu_scripts_parse_and_name_real_configurations():
 
 def _dry_run_gpu_script(out, sections: str) -> dict:
     env = {**os.environ, "OUT": str(out), "SECTIONS": sections, "PAFT_CACHE": str(out / "cache"),
-           "PYTHONPATH": REPO}
+           "PYTHONPATH": REPO, "PYTHON": sys.executable}  # this interpreter, whatever python3 is on PATH
     proc = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu", "run_gpu.sh"), "--dry-run"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]

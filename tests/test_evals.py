@@ -7,22 +7,22 @@ from decimal import Decimal
 import pytest
 import torch
 
-import evals.exact_match as em
+import paft_evals.exact_match as em
 from engine.data.preference import REFUSALS
 from engine.lora import apply_lora, disable_adapters, lora_parameters, merge_lora, save_adapter
 from engine.models import load_model_and_tokenizer
 from engine.recipe import LoRAConfig, ModelConfig
-from evals.__main__ import main as evals_main
-from evals.common import EvalArgs, chat_prompt
-from evals.generation import extract_last_number, extract_line, extract_reference, run_bbh, run_generation, run_gsm8k
-from evals.harmbench import harmbench_test_behaviours, run_refusal
-import evals.mc as mc
-from evals.mc import bigbench_items, common_prefix_length, jsonl_items, run_mc, score_items
-from evals.over_refusal import benign_prompts, run_over_refusal
-from evals.arithmetic import run_arithmetic
-from evals.preference import run_preference
-from evals.refusal import WINDOW, is_refusal
-from evals.report import main as report_main, write_report
+from paft_evals.__main__ import main as evals_main
+from paft_evals.common import EvalArgs, chat_prompt
+from paft_evals.generation import extract_last_number, extract_line, extract_reference, run_bbh, run_generation, run_gsm8k
+from paft_evals.harmbench import harmbench_test_behaviours, run_refusal
+import paft_evals.mc as mc
+from paft_evals.mc import bigbench_items, common_prefix_length, jsonl_items, run_mc, score_items
+from paft_evals.over_refusal import benign_prompts, run_over_refusal
+from paft_evals.arithmetic import run_arithmetic
+from paft_evals.preference import run_preference
+from paft_evals.refusal import WINDOW, is_refusal
+from paft_evals.report import main as report_main, write_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(REPO, "tests", "fixtures", "evals")
@@ -44,7 +44,7 @@ def model_tok():
 
 
 def fake_generate(answer_for):
-    """A stand-in for evals.exact_match.generate: answer_for(prompt text) -> answer; records the prompts."""
+    """A stand-in for paft_evals.exact_match.generate: answer_for(prompt text) -> answer; records the prompts."""
     seen = []
 
     def generate(model, tokenizer, prompts, max_new_tokens, batch_size):
@@ -341,7 +341,7 @@ def test_preference_accuracy_on_base_model(model_tok):
     model, tok = model_tok
     r = run_preference(model, tok, EvalArgs(data=PAIRS, batch_size=3))
     assert r["n"] == 4 and "reward_accuracy" not in r  # no adapter, no reference
-    from evals.preference import preference_examples
+    from paft_evals.preference import preference_examples
     examples = preference_examples(PAIRS, None)
     direct = [(answer_logp(model, tok, ex["prompt"], ex["chosen"]), answer_logp(model, tok, ex["prompt"], ex["rejected"]))
               for ex in examples]
@@ -361,7 +361,7 @@ def test_preference_rewards_with_adapter():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.3)
     args = EvalArgs(data=PAIRS, beta=0.5)
     r = run_preference(model, tok, args)
-    from evals.preference import preference_examples
+    from paft_evals.preference import preference_examples
     examples = preference_examples(PAIRS, None)
     policy = [(answer_logp(model, tok, ex["prompt"], ex["chosen"]), answer_logp(model, tok, ex["prompt"], ex["rejected"]))
               for ex in examples]

@@ -306,7 +306,7 @@ def test_damaged_weights_are_exit_2_naming_the_file_in_every_tool(tmp_path, caps
             pytest.skip("train reads models, not adapters")
         rc = train_cli(tmp_path / "run", f"model.name={target}")
     elif tool == "evals":
-        from evals.__main__ import main
+        from paft_evals.__main__ import main
         rc = cli(main, str(target), "--tasks", "arithmetic", "--limit", "1", "--out", str(tmp_path / "r.json"))
     elif tool == "export":
         from engine.export import main
@@ -348,7 +348,7 @@ def test_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
 
 
 def test_evals_out_that_is_a_directory_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
-    import evals.__main__ as ev
+    import paft_evals.__main__ as ev
     monkeypatch.setattr(ev, "load_target", lambda *a, **k: pytest.fail("the evaluation ran"))
     assert cli(ev.main, "builtin:tiny-llama", "--tasks", "arithmetic", "--out", str(tmp_path)) == 2
     err = capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""LoRA linear (kernels/lora_linear.py, kernels/lora_torch.py): every route against the reference.
+"""LoRA linear (paft_kernels/lora_linear.py, paft_kernels/lora_torch.py): every route against the reference.
 
 No GPU here, so the Triton kernels run under the Triton interpreter (TRITON_INTERPRET=1, numpy
 on CPU tensors). The variable must be set before triton is first imported, and other test
@@ -33,9 +33,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import lora_linear as LL
-from kernels.lora_linear import LoRALinearFunction, describe_route, lora_linear
-from kernels.lora_torch import (CublasLoRAFunction, dropout_noise, lora_linear_torch, philox_noise,
+from paft_kernels import lora_linear as LL
+from paft_kernels.lora_linear import LoRALinearFunction, describe_route, lora_linear
+from paft_kernels.lora_torch import (CublasLoRAFunction, dropout_noise, lora_linear_torch, philox_noise,
                                 philox_randint)
 
 REPO = Path(__file__).resolve().parents[1]

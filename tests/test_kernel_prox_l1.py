@@ -1,5 +1,5 @@
-"""Fused AdamW + L1 prox (kernels.prox_adamw) and the L1 of a low-rank product
-(kernels.l1_lowrank): torch references against independent formulas and
+"""Fused AdamW + L1 prox (paft_kernels.prox_adamw) and the L1 of a low-rank product
+(paft_kernels.l1_lowrank): torch references against independent formulas and
 torch.optim.AdamW in this process; the Triton kernels under the Triton interpreter in a
 subprocess (TRITON_INTERPRET=1 must be in the environment before triton is imported, and
 other test modules of this pytest process import triton through torch/transformers).
@@ -19,10 +19,10 @@ import textwrap
 import pytest
 import torch
 
-from kernels import l1_lowrank as l1k
-from kernels import prox_adamw as pak
-from kernels.l1_lowrank import L1LowRank, l1_lowrank, l1_lowrank_dense, l1_lowrank_torch, sparsity_of_product
-from kernels.prox_adamw import ProxAdamW, prox_adamw_step_torch
+from paft_kernels import l1_lowrank as l1k
+from paft_kernels import prox_adamw as pak
+from paft_kernels.l1_lowrank import L1LowRank, l1_lowrank, l1_lowrank_dense, l1_lowrank_torch, sparsity_of_product
+from paft_kernels.prox_adamw import ProxAdamW, prox_adamw_step_torch
 
 SEED = random.SystemRandom().randrange(2 ** 31)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -231,9 +231,9 @@ _INTERP_SCRIPT = textwrap.dedent(r'''
     import json, sys
     import torch
     import triton
-    from kernels import prox_adamw as pak, l1_lowrank as l1k
-    from kernels.prox_adamw import ProxAdamW, prox_adamw_step_torch, prox_adamw_step_triton
-    from kernels.l1_lowrank import l1_lowrank, l1_lowrank_dense, l1_lowrank_triton
+    from paft_kernels import prox_adamw as pak, l1_lowrank as l1k
+    from paft_kernels.prox_adamw import ProxAdamW, prox_adamw_step_torch, prox_adamw_step_triton
+    from paft_kernels.l1_lowrank import l1_lowrank, l1_lowrank_dense, l1_lowrank_triton
 
     seed = int(sys.argv[1])
     g = torch.Generator().manual_seed(seed)

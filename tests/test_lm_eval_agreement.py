@@ -16,9 +16,9 @@ import torch
 
 from engine.models import load_model_and_tokenizer
 from engine.recipe import ModelConfig
-from evals.__main__ import main as evals_main
-from evals.loading import load_target
-from evals.mc import SHARED_PREFIX_MIN, common_prefix_length, jsonl_items, score_items
+from paft_evals.__main__ import main as evals_main
+from paft_evals.loading import load_target
+from paft_evals.mc import SHARED_PREFIX_MIN, common_prefix_length, jsonl_items, score_items
 
 pytest.importorskip("lm_eval")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +38,7 @@ metric_list:
   - metric: acc_norm
 """
 # A header before every question, as a few-shot benchmark has (TruthfulQA's 6-shot prefix): with it
-# evals.mc scores through its shared-prefix cache (the header's keys and values computed once).
+# paft_evals.mc scores through its shared-prefix cache (the header's keys and values computed once).
 HEADER = ("Each question below has one right answer among several. Some answers are long and some "
           "are short, a few use letters outside plain English, and none is a trick. Read the question, "
           "then pick the answer that fits it best.\n\n")

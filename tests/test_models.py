@@ -96,7 +96,7 @@ def test_dtype_and_gradient_checkpointing_with_frozen_weights():
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
     model, tok = load(TINY, gradient_checkpointing=True)
-    assert model.is_activation_checkpointing
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing  # 5.2x / 5.17
     # LoRA-like: everything frozen but one inner projection. Gradients must still reach it
     # through the checkpointed layers, which needs the embedding output to require grad.
     for p in model.parameters():

@@ -1,4 +1,4 @@
-"""NF4 quantization (kernels/nf4.py) against bitsandbytes, and the Triton kernel against
+"""NF4 quantization (paft_kernels/nf4.py) against bitsandbytes, and the Triton kernel against
 the torch reference.
 
 bitsandbytes facts these tests pin down (0.50.2, CPU):
@@ -29,8 +29,8 @@ import textwrap
 import pytest
 import torch
 
-from kernels import nf4
-from kernels.nf4 import (
+from paft_kernels import nf4
+from paft_kernels.nf4 import (
     DYNAMIC_CODE,
     NF4_CODE,
     NF4Tensor,
@@ -278,7 +278,7 @@ def test_module_imports_without_bitsandbytes():
         import sys
         sys.modules["bitsandbytes"] = None  # any `import bitsandbytes` now fails
         import torch
-        from kernels import nf4
+        from paft_kernels import nf4
         x = torch.randn(100)
         q = nf4.quantize_nf4(x, double_quant=True)
         y = nf4.dequantize_nf4(q)
@@ -301,7 +301,7 @@ def test_triton_matches_torch_reference_interpreted():
     pytest.importorskip("triton")
     res = _run_python("""
         import torch
-        from kernels import nf4
+        from paft_kernels import nf4
         from triton.runtime.interpreter import InterpretedFunction
         assert isinstance(nf4._nf4_dequant_kernel, InterpretedFunction)
         import random

@@ -24,7 +24,7 @@ from engine.pipeline import load_pipeline, merge_variants, mergekit_config, pipe
 from engine.recipe import LoRAConfig, ModelConfig, load_recipe, recipe_to_dict
 from engine.train import main as train_main
 from engine.train import run
-from evals.tasks import NEEDS_DATA, TASKS
+from paft_evals.tasks import NEEDS_DATA, TASKS
 from merge import __main__ as merge_cli
 from merge import methods as M
 
@@ -351,11 +351,11 @@ def test_thakkar_slerp_runs_on_tiny_adapters(tiny, tmp_path):
 
 
 def test_laptop_reproduction_validates_whole(tmp_path, monkeypatch):
-    # recipes/paft/laptop.yaml as a user runs it, after `python -m evals.laptop_data out/laptop/data`:
+    # recipes/paft/laptop.yaml as a user runs it, after `python -m paft_evals.laptop_data out/laptop/data`:
     # every stage, merge and evaluation setting passes load_pipeline, and the variants are the issue's.
     monkeypatch.chdir(tmp_path)
     os.symlink(os.path.join(REPO, "recipes"), tmp_path / "recipes")
-    os.symlink(os.path.join(REPO, "evals"), tmp_path / "evals")  # evals/data/benign_prompts.jsonl
+    os.symlink(os.path.join(REPO, "paft_evals"), tmp_path / "paft_evals")  # paft_evals/data/benign_prompts.jsonl
     data = tmp_path / "out" / "laptop" / "data"
     data.mkdir(parents=True)
     chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
@@ -365,8 +365,8 @@ def test_laptop_reproduction_validates_whole(tmp_path, monkeypatch):
     assert set(cfg.stages) == {"sft", "sft_sparse", "dpo", "sequential", "sequential_sparse"}
     variants = {v for spec in cfg.merges for v, _ in merge_variants(spec)}
     assert variants == {"ties", "dare_ties", "task_arithmetic", "linear", "slerp", "ties_dense"}
-    assert {"bigbench_bbh", "truthfulqa_mc1", "hhh", "refusal", "strongreject"} <= set(cfg.evals.tasks)
-    assert cfg.evals.hhh_split == "test"  # the DPO stages train on HHH's train split
+    assert {"bigbench_bbh", "truthfulqa_mc", "refusal", "strongreject"} <= set(cfg.evals.tasks)
+    assert "hhh" not in cfg.evals.tasks  # bigbench 1.0.0 is withdrawn: a fresh machine cannot score it
     for column in cfg.findings.helpful + cfg.findings.harmless:  # every score column is one a task reports
         task = column.removeprefix("1-").split("/")[0]
         assert task in cfg.evals.tasks, column

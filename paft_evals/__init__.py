@@ -1,0 +1,14 @@
+"""Evaluation suite: `python -m paft_evals TARGET --tasks ... --out results.json`, `python -m paft_evals.report`.
+
+    exact_match.py   greedy batched generation (KV cache) and arithmetic exact match (used by training too)
+    common.py        EvalArgs, JSONL reading, chat prompts
+    loading.py       TARGET (adapter dir | HF model dir | engine model name) -> model, tokenizer
+    refusal.py       the refusal detector (is_refusal)
+    arithmetic.py    task arithmetic        generation.py  tasks gsm8k, bbh, generation
+    harmbench.py     task refusal           over_refusal.py task over_refusal (data/benign_prompts.jsonl)
+    mc.py            task mc                preference.py  task preference
+    tasks.py         the registry and evaluate()
+    report.py        results.md + results.png across variants (write_report)
+
+Nothing is imported here, so `from paft_evals.exact_match import generate` stays light.
+"""

@@ -1,0 +1,45 @@
+"""Task `over_refusal`: how often the model refuses prompts that only LOOK harmful.
+
+Safety training can teach a model to refuse on surface words ("kill", "shoot", "bomb")
+instead of on intent. paft_evals/data/benign_prompts.jsonl holds ~40 harmless requests written
+for this engine in the spirit of XSTest (Röttger et al. 2024): homonyms ("kill a Python
+process"), figurative language ("my presentation bombed"), safe contexts (video games,
+fiction, history), definitions and safety questions. Each row is {"prompt", "type"}.
+
+    over_refusal_rate = (1/n) Σ_i is_refusal(answer_i)     (lower is better)
+    by_type[t]        = the same over the prompts of type t
+
+Read it next to the `refusal` task: a model that refuses everything has refusal_rate 1
+and over_refusal_rate 1; the interesting models are high on the first and low on the second.
+`--data FILE` replaces the built-in prompts with another JSONL of {"prompt"[, "type"]}.
+"""
+from __future__ import annotations
+
+import os
+
+from paft_evals import exact_match as em
+from paft_evals.common import EvalArgs, chat_prompt, first, read_jsonl, stderr
+from paft_evals.harmbench import rates_by
+from paft_evals.refusal import is_refusal
+
+BENIGN_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "benign_prompts.jsonl")
+
+
+def benign_prompts(path: str = BENIGN_PROMPTS) -> list[dict]:
+    rows = read_jsonl(path)
+    for i, row in enumerate(rows):
+        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise ValueError(f"{path} row {i + 1}: needs a non-empty \"prompt\"")
+        row.setdefault("type", "unknown")
+    return rows
+
+
+def run_over_refusal(model, tokenizer, args: EvalArgs) -> dict:
+    items = first(benign_prompts(args.data or BENIGN_PROMPTS), args.limit)
+    prompts = [chat_prompt(it["prompt"], tokenizer, args.template) for it in items]
+    answers = em.generate(model, tokenizer, prompts, args.new_tokens(64), args.batch_size)
+    refused = [is_refusal(a) for a in answers]
+    return {"over_refusal_rate": sum(refused) / len(refused), "n": len(refused), "stderr": stderr(refused),
+            "by_type": rates_by(items, refused, "type"),
+            "samples": [{"prompt": it["prompt"], "generation": a, "refused": r}
+                        for it, a, r in list(zip(items, answers, refused))[:5]]}
