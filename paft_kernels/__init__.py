@@ -3,10 +3,10 @@
 Each module carries its own Triton kernel(s), a torch reference, and a dispatch function
 taking backend="auto" | "triton" | "torch".
 
-The name `kernels` is also Hugging Face's hub-kernels package. transformers only uses that
-one when a *distribution* named `kernels` is installed with a version in its supported range
-(`transformers.utils.import_utils.is_kernels_available`); this package is part of the
-`paft-engine` distribution, so it has no version of its own and transformers leaves it alone.
+Why `paft_kernels` and not `kernels`: that is Hugging Face's hub-kernels package, which
+transformers >= 5.25 requires and imports with every model class. A top-level folder named
+`kernels` would shadow it whenever the repository root is on sys.path (`python -m` from the
+root puts it first), and no model would load (tests/test_fresh_install.py checks both names).
 
 Compile checks without a GPU: every kernel module defines `compile_specs()`, the list of
 `CompileSpec`s (kernel, argument types, compile-time constants, warps, stages) that its

@@ -53,14 +53,17 @@ def _needs_hf_kernels() -> bool:
 def test_hf_kernels_is_the_one_imported_from_the_root():
     if not _needs_hf_kernels():
         pytest.skip(f"transformers {transformers.__version__} does not require Hugging Face's kernels")
-    code = ("import kernels, transformers.integrations.hub_kernels as h, json; "
-            "print(json.dumps({'file': kernels.__file__, 'has': hasattr(kernels, 'CUDAProperties')}))")
+    # The module `import kernels` finds must be the file Hugging Face's distribution installed (a
+    # virtualenv inside the clone is fine; a folder of ours is not).
+    code = ("import kernels, transformers.integrations.hub_kernels as h, json, importlib.metadata as md; "
+            "print(json.dumps({'file': kernels.__file__, 'has': hasattr(kernels, 'CUDAProperties'), "
+            "'dist': str(md.distribution('kernels').locate_file('kernels/__init__.py'))}))")
     for cwd in (REPO, "/"):
         res = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
                              env=_env())
         assert res.returncode == 0, res.stderr[-2000:]
         got = json.loads(res.stdout.strip().splitlines()[-1])
-        assert got["has"] and not os.path.abspath(got["file"]).startswith(REPO + os.sep), got
+        assert got["has"] and os.path.realpath(got["file"]) == os.path.realpath(got["dist"]), got
 
 
 def _env(**extra) -> dict:
