@@ -4,7 +4,9 @@ setup(
     name="paft-engine",
     version="0.1.0",
     description="A small, teaching-grade LLM fine-tuning engine: LoRA/QLoRA, SFT, DPO, sparse merging",
-    python_requires=">=3.10",
+    # Tested on 3.11 (the lock) and 3.12 (the GPU image); the lock's numpy, pandas, scipy and
+    # transformers need >= 3.11.
+    python_requires=">=3.11",
     # Import names that cannot shadow what a user has: Hugging Face's `kernels` (which transformers
     # >= 5.25 imports) and OpenAI's `evals` are real packages, hence paft_kernels and paft_evals.
     # benchmarks/ is not installed: it runs from the repository root (python -m benchmarks.<name>).
