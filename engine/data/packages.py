@@ -271,10 +271,11 @@ def served_versions(package: str) -> list[str]:
 def check(log=print) -> int:
     """One line per recorded source: served at its pinned version or not. The number not served."""
     pinned = {name: spec["version"] for name, spec in PACKAGES.items()} | INSTALLED
+    withdrawn = {name: spec["withdrawn"] for name, spec in PACKAGES.items() if spec.get("withdrawn")}
     missing = 0
     for name, version in pinned.items():
-        if PACKAGES.get(name, {}).get("withdrawn"):
-            log(f"{name}=={version}: withdrawn, known ({PACKAGES[name]['withdrawn']}); read from a cache that has it")
+        if name in withdrawn:
+            log(f"{name}=={version}: withdrawn, known ({withdrawn[name]}); read from a cache that has it")
             continue
         try:
             versions = served_versions(name)
@@ -285,9 +286,9 @@ def check(log=print) -> int:
             ok = False
             log(f"{name}=={version}: NOT served: {e}")
         missing += not ok
-    live = [n for n in pinned if not PACKAGES.get(n, {}).get("withdrawn")]
-    log(f"{len(live) - missing} of {len(live)} recorded data packages are served at their pinned version"
-        f" (+ {len(pinned) - len(live)} known withdrawn)")
+    live = len(pinned) - len(withdrawn)
+    log(f"{live - missing} of {live} recorded data packages are served at their pinned version"
+        f" (+ {len(withdrawn)} known withdrawn)")
     return missing
 
 
