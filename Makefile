@@ -41,7 +41,7 @@ test-fast: install-test
 bench: install-test
 	$(PYTHON) -m benchmarks.train_step --config cpu-smollm2-lora-sft
 	$(PYTHON) -m benchmarks.train_step --config cpu-smollm2-lora-dpo
-	$(PYTHON) -m benchmarks.report --readme README.md
+	$(PYTHON) -m benchmarks.report --doc docs/BENCHMARKS.md
 
 # Rewrite the lock: a fresh virtualenv, the newest release of everything setup.py allows (torch
 # as above; lm-eval stays at the version setup.py pins), frozen. Run `make test` before committing it.

@@ -7,6 +7,8 @@ import platform
 import re
 import resource
 
+from engine.safeio import atomic_write
+
 
 def cpu_device(threads: int) -> str:
     return f"cpu: {platform.processor() or platform.machine()}, {threads} threads"
@@ -38,11 +40,9 @@ def write_result(res: dict, path: str) -> None:
 def write_json(obj: dict, path: str) -> None:
     """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         json.dump(obj, f, indent=1)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def merge_run(path: str, header: dict, name: str, run: dict) -> dict:

@@ -2,7 +2,7 @@
 
     python -m benchmarks.export_rounding ADAPTER_DIR [ADAPTER_DIR ...] [--model NAME] [--out results/x.json]
 
-For every adapter, over all its layers (merge/rounding.py defines the measures), with W the base
+For every adapter, over all its layers (engine/rounding.py defines the measures), with W the base
 weight as stored and δ = s·B A:
 
     lost    ‖round(W + δ) − W − δ‖ / ‖δ‖           the saved model's distance from the trained one
@@ -24,7 +24,7 @@ from engine.export import _adapter_base_model
 from engine.lora import _lora_modules, load_adapter
 from engine.models import load_model_and_tokenizer
 from engine.recipe import ModelConfig
-from merge.rounding import RoundingLoss
+from engine.rounding import RoundingLoss
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 

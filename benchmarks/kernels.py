@@ -86,10 +86,7 @@ def merge_results(path: str, key: str, value: dict) -> None:
             data = json.load(f)
     data[key] = value
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    write_json(data, path)
     print(f"wrote {path} [{key!r}]")
 
 
@@ -104,7 +101,7 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 #   peft     peft.tuners.lora.Linear around the same frozen nn.Linear (dropout 0: peft skips it)
 #   cublas   paft_kernels.lora_linear route "cublas" (torch GEMM + in-place addmm_)
 #   triton   paft_kernels.lora_linear route "triton" (the fused, autotuned kernels)
-# Every system's launch counters (paft_kernels.lora_linear.ROUTE_CALLS / LAUNCHES) are recorded with its
+# Every system's launch counters (paft_kernels.lora_linear.ROUTE_CALLS / lora_triton.LAUNCHES) are recorded with its
 # time, so a silent fallback would show; so are the peak memory and the autotuner's picks.
 
 LORA_SHAPES = [("llama2-7b", "q/k/v/o_proj", 4096, 4096), ("llama2-7b", "gate/up_proj", 4096, 11008),
@@ -155,8 +152,8 @@ def environment() -> dict:
 
 
 def _counters() -> dict:
-    from paft_kernels import lora_linear as LL
-    return {**{f"route:{k}": v for k, v in LL.ROUTE_CALLS.items()}, **{f"kernel:{k}": v for k, v in LL.LAUNCHES.items()}}
+    from paft_kernels import lora_linear as LL, lora_triton as LT
+    return {**{f"route:{k}": v for k, v in LL.ROUTE_CALLS.items()}, **{f"kernel:{k}": v for k, v in LT.LAUNCHES.items()}}
 
 
 def _delta(before: dict, after: dict) -> dict:
@@ -164,7 +161,7 @@ def _delta(before: dict, after: dict) -> dict:
 
 
 def _lora_point(K, N, r, M, dtype, device, timer, triton_ok: bool) -> dict:
-    from paft_kernels import lora_linear as LL
+    from paft_kernels import lora_triton as LT
     from paft_kernels.lora_linear import lora_linear
 
     peft_layer = _peft_layer(K, N, r, 2.0 * r, dtype, device)
@@ -205,7 +202,7 @@ def _lora_point(K, N, r, M, dtype, device, timer, triton_ok: bool) -> dict:
             if device == "cuda":
                 res["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
             if name == "triton":
-                res["configs"] = {k: dict(v) for k, v in LL.LAST_CONFIG.items()}
+                res["configs"] = {k: dict(v) for k, v in LT.LAST_CONFIG.items()}
             row["systems"][name] = res
         except Exception as e:  # one system's failure loses its own cell only
             row["systems"][name] = {"status": f"failed: {type(e).__name__}: {e}"[:300]}
@@ -293,7 +290,7 @@ def write_routes(result: dict, path: str | None = None) -> str:
     8k-token point (seq 2048), for `auto` to follow. Refuses a dry run."""
     if result.get("dry_run") or not result["environment"].get("gpu"):
         raise SystemExit("--write-routes: needs a GPU result (this is a dry run)")
-    from paft_kernels.lora_linear import ROUTES_DIR, _slug
+    from paft_kernels.utils import ROUTES_DIR, _slug
     gpu = result["environment"]["gpu"]
     routes = []
     for row in result["rows"]:
@@ -304,10 +301,7 @@ def write_routes(result: dict, path: str | None = None) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     doc = {"device": gpu, "measured_from": result.get("source", "benchmarks.kernels lora_linear"),
            "environment": result["environment"], "routes": routes}
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
+    write_json(doc, path)
     print(f"wrote {path} ({len(routes)} shapes)")
     return path
 

@@ -41,6 +41,7 @@ from benchmarks.common import cpu_model_name, device_slug, gpu_driver, write_res
 from paft_kernels import prox_adamw as pak
 from paft_kernels.l1_lowrank import l1_lowrank_dense, l1_lowrank_torch, l1_lowrank_triton
 from paft_kernels.prox_adamw import ProxAdamW
+from paft_kernels.utils import triton_interpreted
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 LR, BETAS, EPS, WD, L1 = 1e-4, (0.9, 0.999), 1e-8, 0.01, 1e-3
@@ -117,7 +118,7 @@ def bench_optimizer(model: str, device: str, dry: bool) -> dict:
         "torch AdamW(foreach=True)": lambda ps: torch.optim.AdamW(ps, lr=LR, betas=BETAS, eps=EPS,
                                                                   weight_decay=WD, foreach=True),
     }
-    if not cuda and pak.triton_interpreted():  # dry run under TRITON_INTERPRET=1: the kernel's route too
+    if not cuda and triton_interpreted():  # dry run under TRITON_INTERPRET=1: the kernel's route too
         systems["ours ProxAdamW flat, triton interpreted"] = lambda ps: ProxAdamW(
             ps, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, l1=L1, backend="triton")
     if cuda:
@@ -171,7 +172,7 @@ def bench_l1(device: str, dry: bool) -> dict:
         shapes = [(97, 16, 80), (130, 64, 64)]
     warmup, iters = (1, 2) if dry else ((10, 100) if cuda else (1, 3))
     scale, lam = 2.0, 1e-4
-    interp = pak.triton_interpreted()
+    interp = triton_interpreted()
     out = {}
     for N, r, K in shapes:
         gen = torch.Generator(device="cpu").manual_seed(0)

@@ -34,7 +34,9 @@ import torch
 from benchmarks.common import device_slug, write_json
 from benchmarks.kernels_prox import environment
 from paft_kernels import nf4
-from paft_kernels.nf4 import dequantize_nf4_torch, dequantize_nf4_triton, quantize_nf4, to_bnb
+from paft_kernels.nf4 import dequantize_nf4_torch, dequantize_nf4_triton
+from paft_kernels.nf4_quant import quantize_nf4, to_bnb
+from paft_kernels.utils import HAS_TRITON
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 # 33 x 71: a partial last block (the tail launch); an odd last dim, where bitsandbytes' CPU kernel is right
@@ -90,7 +92,7 @@ def main(argv=None) -> None:
     out_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch_route = lambda q, dtype: nf4.dequantize_nf4(q, dtype, backend="torch")  # noqa: E731 - counted dispatch
     ours = [("triton", dequantize_nf4_triton)] if device.type == "cuda" else [("torch reference", torch_route)]
-    if device.type == "cpu" and args.dry_run and os.environ.get("TRITON_INTERPRET") == "1" and nf4.HAS_TRITON:
+    if device.type == "cpu" and args.dry_run and os.environ.get("TRITON_INTERPRET") == "1" and HAS_TRITON:
         ours.append(("triton (interpreted)", dequantize_nf4_triton))
 
     try:

@@ -1,20 +1,20 @@
-"""The train_step results as a markdown table and a bar chart, and optionally into the README.
+"""The train_step results as a markdown table and a bar chart, and optionally into docs/BENCHMARKS.md.
 
-    python -m benchmarks.report                       # table on stdout + results/README_table.md + PNG
-    python -m benchmarks.report --readme README.md    # also rewrite the README's block
+    python -m benchmarks.report                                # table on stdout + results/train_step.md + PNG
+    python -m benchmarks.report --doc docs/BENCHMARKS.md       # also rewrite that page's block (make bench)
 
 Reads every benchmarks/results/*.json that `python -m benchmarks.train_step`
 wrote (other benchmarks' files there are skipped) and writes
 
-    benchmarks/results/README_table.md   one row per configuration and system, then the targets
+    benchmarks/results/train_step.md     one row per configuration and system, then the targets
     benchmarks/results/train_step.png    tokens/s and peak memory per configuration, relative to ours
 
-With --readme, the text between the lines
+With --doc FILE, the text between the lines
 
     <!-- bench:train_step:begin -->
     <!-- bench:train_step:end -->
 
-is replaced by the table. If either marker is missing the README is left
+in FILE is replaced by the table. If either marker is missing the file is left
 untouched and the command says so (exit status 2). When no GPU results exist
 yet, the table says so and gives the command that produces them.
 """
@@ -170,9 +170,11 @@ def replace_block(text: str, block: str) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=RESULTS, help="directory of the JSON results (default: benchmarks/results)")
-    ap.add_argument("--table", help="markdown output (default: <results>/README_table.md)")
+    ap.add_argument("--table", help="markdown output (default: <results>/train_step.md)")
     ap.add_argument("--png", help="chart output (default: <results>/train_step.png)")
-    ap.add_argument("--readme", help="also rewrite the block between the bench:train_step markers in this file")
+    ap.add_argument("--doc", metavar="FILE",
+                    help="also rewrite the block between the bench:train_step markers in this markdown file "
+                         "(make bench: docs/BENCHMARKS.md)")
     args = ap.parse_args(argv)
     docs = load_results(args.results)
     if not docs:
@@ -181,23 +183,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     block = markdown(docs)
     print(block, end="")
-    table = args.table or os.path.join(args.results, "README_table.md")
+    table = args.table or os.path.join(args.results, "train_step.md")
     png = args.png or os.path.join(args.results, "train_step.png")
     with open(table, "w") as f:
         f.write(block)
     chart(docs, png)
     print(f"wrote {table} and {png}", file=sys.stderr)
-    if args.readme:
-        with open(args.readme) as f:
+    if args.doc:
+        with open(args.doc) as f:
             text = f.read()
         new = replace_block(text, block)
         if new is None:
-            print(f"error: {args.readme} has no {BEGIN} ... {END} block; left it untouched", file=sys.stderr)
+            print(f"error: {args.doc} has no {BEGIN} ... {END} block; left it untouched", file=sys.stderr)
             return 2
         if new != text:
-            with open(args.readme, "w") as f:
+            with open(args.doc, "w") as f:
                 f.write(new)
-        print(f"updated the train_step block of {args.readme}", file=sys.stderr)
+        print(f"updated the train_step block of {args.doc}", file=sys.stderr)
     return 0
 
 

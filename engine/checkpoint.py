@@ -274,7 +274,8 @@ def set_aside(damaged: list[tuple[str, str]]) -> None:
 
 def remove_stale_temporaries(run_dir: str) -> list[str]:
     """Delete what a killed write leaves behind: checkpoints/.tmp-* and *.old-* directories, and the
-    `<file>.tmp-<pid>` / `<file>.<pid>.tmp` files of atomic writes in the run directory."""
+    `<file>.tmp-<pid>` files of atomic writes (engine.safeio; `<file>.<pid>.tmp` from older versions)
+    in the run directory and its adapter/."""
     removed = []
     root = os.path.join(run_dir, "checkpoints")
     for parent, stale in ((root, lambda n: n.startswith(".tmp-") or ".old-" in n),
@@ -289,7 +290,7 @@ def remove_stale_temporaries(run_dir: str) -> list[str]:
     adapter = os.path.join(run_dir, "adapter")
     if os.path.isdir(adapter):
         for name in os.listdir(adapter):
-            if name.endswith(".tmp"):
+            if name.endswith(".tmp") or ".tmp-" in name:  # engine.safeio's temporaries (and older `.tmp` ones)
                 os.remove(os.path.join(adapter, name))
                 removed.append(os.path.join(adapter, name))
     return removed

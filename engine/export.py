@@ -11,7 +11,7 @@ taken in fp32 and rounded once to the output dtype.
 
 Which output dtype? Rounding W + δ (δ = s·B A) to bf16 drops every part of δ smaller than half
 a bf16 ulp of W, and a LoRA update is often that small: on the quickstart's adapters bf16
-loses most of the update (merge/rounding.py defines the measure, README Reliability has the
+loses most of the update (engine/rounding.py defines the measure, docs/RELIABILITY.md has the
 numbers). So the default, --out-dtype auto, is float32, or the base's own stored dtype when
 it is a 16-bit one AND it keeps the update to within 1 % of ||δ||. Whatever the dtype, the
 share of ||δ|| the rounding loses is measured and printed; an explicit 16-bit --out-dtype
@@ -56,13 +56,14 @@ import tempfile
 import torch
 import torch.nn as nn
 
-from paft_kernels.nf4 import dequantize_nf4, quantize_nf4
+from paft_kernels.nf4 import dequantize_nf4
+from paft_kernels.nf4_quant import quantize_nf4
 from engine.lora import CONFIG_FILE, _lora_modules, load_adapter, merge_lora
 from engine.models import load_model_and_tokenizer
 from engine.qlora import BLOCKSIZE
 from engine.recipe import ModelConfig
+from engine.rounding import LOSSY_BOUND, RoundingLoss
 from engine.safeio import read_json
-from merge.rounding import LOSSY_BOUND, RoundingLoss
 
 
 @torch.no_grad()
@@ -80,7 +81,7 @@ def nf4_round_trip(model: nn.Module, double_quant: bool = True) -> list[str]:
 
 def rounding_losses(model: nn.Module, dtypes: list[torch.dtype]) -> dict[torch.dtype, RoundingLoss]:
     """For each dtype, how much of every LoRA layer's update δ = s·B A survives round(W + δ)
-    (merge/rounding.py), one layer at a time; call before merge_lora, on the fp32 model."""
+    (engine/rounding.py), one layer at a time; call before merge_lora, on the fp32 model."""
     losses = {d: RoundingLoss(d) for d in dtypes}
     with torch.no_grad():
         for name, m in _lora_modules(model):

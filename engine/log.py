@@ -17,7 +17,7 @@ import sys
 
 from tqdm import tqdm
 
-from engine.safeio import CorruptFile
+from engine.safeio import CorruptFile, atomic_write
 
 
 class RunLog:
@@ -99,11 +99,9 @@ def read_metrics(path: str) -> list[dict]:
 
 def _truncate_after(path: str, step: int) -> None:
     rows = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
 
 
 def plot_loss(metrics_path: str, png_path: str, title: str = "") -> None:
@@ -126,7 +124,6 @@ def plot_loss(metrics_path: str, png_path: str, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    with atomic_write(png_path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, png_path)

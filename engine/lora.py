@@ -24,7 +24,6 @@ import math
 import os
 import re
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -33,7 +32,7 @@ from safetensors.torch import save_file
 
 from paft_kernels.lora_linear import lora_linear
 from engine.recipe import LoRAConfig
-from engine.safeio import load_safetensors, read_json
+from engine.safeio import atomic_file, load_safetensors, read_json, write_text
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -113,12 +112,15 @@ def target_module_names(model: nn.Module, target_modules: list[str] | str) -> li
     return picked
 
 
-def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int | None = None) -> list[str]:
+def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int | None = None, wrap=None) -> list[str]:
     """Freeze the whole model, wrap each targeted nn.Linear in a LoRALinear; return their paths.
 
-    With cfg.quantize_base == "nf4" (QLoRA, engine.qlora) the targeted layers become QLoRALinear
-    and every other linear layer but the LM head a frozen NF4Linear.
+    `wrap` builds the layer instead of LoRALinear (same arguments) for every target but the LM
+    head: engine.qlora.apply_qlora passes QLoRALinear (lora.quantize_base: nf4), then quantizes
+    every other linear layer but the head.
     """
+    if cfg.quantize_base and wrap is None:
+        raise ValueError(f"lora.quantize_base={cfg.quantize_base}: apply the adapter with engine.qlora.apply_qlora")
     if _lora_modules(model):
         raise ValueError("apply_lora: the model already has LoRA layers")
     names = target_module_names(model, cfg.target_modules)
@@ -134,21 +136,14 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int | None = None) -> li
     for p in model.parameters():
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    quantize = cfg.quantize_base == "nf4"
-    if quantize:
-        from engine.qlora import QLoRALinear, quantize_frozen_linears  # here: engine.qlora imports this module
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name in names:
         parent_name, _, child = name.rpartition(".")
         linear = model.get_submodule(name)
         args = (linear, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, cfg.init, generator)
-        if quantize and linear is not head:  # the head stays unquantized even when targeted (it may be tied)
-            layer = QLoRALinear(*args, double_quant=cfg.double_quant)
-        else:
-            layer = LoRALinear(*args)
+        # the head stays a plain LoRALinear even when targeted (QLoRA leaves it unquantized: it may be tied)
+        layer = wrap(*args) if wrap is not None and linear is not head else LoRALinear(*args)
         setattr(model.get_submodule(parent_name), child, layer)
-    if quantize:
-        quantize_frozen_linears(model, cfg.double_quant)
     return names
 
 
@@ -227,17 +222,6 @@ def merge_lora(model: nn.Module) -> None:
         setattr(model.get_submodule(parent_name), child, m.base_layer)
 
 
-def atomic_write(path: str, write) -> None:
-    """Call write(tmp) on a temp file beside `path`, then rename it over `path`: no half-written files."""
-    tmp = f"{path}.{os.getpid()}.tmp"  # same directory, so os.replace is an atomic rename
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _saved_targets(model: nn.Module, cfg: LoRAConfig) -> list[str] | str:
     """target_modules for the config file: the regex as given, else the short names of the wrapped
     layers, or their full paths if the short names would also select other linear layers."""
@@ -246,12 +230,9 @@ def _saved_targets(model: nn.Module, cfg: LoRAConfig) -> list[str] | str:
     wrapped = [name for name, _ in _lora_modules(model)]
     short = sorted({name.rpartition(".")[2] for name in wrapped})
     inner = (".base_layer", ".lora_A", ".lora_B")  # the nn.Linear parts inside a LoRALinear
-    frozen = (nn.Linear,)
-    if cfg.quantize_base == "nf4":
-        from engine.qlora import NF4Linear  # here: engine.qlora imports this module
-        frozen = (nn.Linear, NF4Linear)  # QLoRA turned the other linear layers into NF4Linear
+    # a frozen linear layer: nn.Linear, or one QLoRA quantized (engine.qlora.NF4Linear says so)
     candidates = [name for name, m in model.named_modules() if isinstance(m, LoRALinear)
-                  or (isinstance(m, frozen) and not name.endswith(inner))]
+                  or ((isinstance(m, nn.Linear) or getattr(m, "frozen_linear", False)) and not name.endswith(inner))]
     return short if [n for n in candidates if _matches(n, short)] == wrapped else wrapped
 
 
@@ -269,9 +250,9 @@ def save_adapter(model: nn.Module, out_dir: str, cfg: LoRAConfig, base_model_nam
         "modules_to_save": None, "use_dora": False, "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {},
     }
     os.makedirs(out_dir, exist_ok=True)
-    atomic_write(os.path.join(out_dir, WEIGHTS_FILE), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    atomic_write(os.path.join(out_dir, CONFIG_FILE), lambda p: Path(p).write_text(text))
+    with atomic_file(os.path.join(out_dir, WEIGHTS_FILE)) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    write_text(os.path.join(out_dir, CONFIG_FILE), json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # peft options that change the layer or the forward; we only load plain LoRA. Each is harmless

@@ -34,9 +34,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 import torch
@@ -45,7 +43,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GgufConfig, Llama
                           PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast)
 
 from engine.recipe import ModelConfig
-from engine.safeio import check_model_dir
+from engine.safeio import atomic_dir, check_model_dir
 
 BUILTIN_MODELS = ("builtin:tiny-llama",)
 SMOLLM2_NAME = "smollm2-135m-instruct"
@@ -177,20 +175,14 @@ def convert_gguf(gguf_path: str, dest: str) -> None:
         del model.config.quantization_config
     model.hf_quantizer = None
 
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.tmp-", dir=parent)
     try:
-        model.save_pretrained(tmp)  # safetensors; a tied lm_head is stored once
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            # Another process finished the same conversion first: its copy is as good as ours.
-            if not os.path.isdir(dest):
-                raise
-            shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(dest) as tmp:
+            model.save_pretrained(tmp)  # safetensors; a tied lm_head is stored once
+            tokenizer.save_pretrained(tmp)
+    except OSError:
+        # Another process finished the same conversion first: its copy is as good as ours.
+        if not os.path.isdir(dest):
+            raise
 
 
 # --------------------------------------------------------------------------- loaders

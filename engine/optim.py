@@ -50,7 +50,7 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, l1: floa
     torch.optim.AdamW(foreach=False), run once over the flat buffer instead of once per
     factor: the same arithmetic element by element (bit-identical; the bit-exact resume test
     relies on an update being the same arithmetic on every platform) and faster on the
-    quickstart's 420 factors (README, Kernels: measured 150 ms against 1144-1530 ms for
+    quickstart's 420 factors (docs/BENCHMARKS.md, the optimizer step on CPU: measured 150 ms against 1144-1530 ms for
     foreach=False and 387-467 ms for foreach=True, 2 threads).
     FSDP2 shards each factor into a DTensor of its own, which cannot live in a shared flat
     buffer: there it falls back to torch.optim.AdamW(foreach=False) and says so.

@@ -34,8 +34,8 @@ model is loaded in its dtype first and quantized layer by layer afterwards, so t
 loading is still the full-precision model; the steady state during training is NF4.
 
 Every linear layer but the head is quantized: the targeted ones become QLoRALinear (NF4 base +
-LoRA factors), the rest NF4Linear (NF4 base alone), as QLoRA does. `apply_lora` does this when
-`lora.quantize_base: nf4`. A trained adapter is a plain peft LoRA adapter; `python -m
+LoRA factors), the rest NF4Linear (NF4 base alone), as QLoRA does: `apply_qlora`
+(`apply_adapter` picks it when `lora.quantize_base: nf4`). A trained adapter is a plain peft LoRA adapter; `python -m
 engine.export` merges it into a full-precision model (see there for the choice of base).
 """
 from __future__ import annotations
@@ -47,8 +47,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from paft_kernels.lora_linear import lora_linear
-from paft_kernels.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
-from engine.lora import LoRALinear, lora_parameters
+from paft_kernels.nf4 import NF4Tensor, dequantize_nf4
+from paft_kernels.nf4_quant import quantize_nf4
+from engine.lora import LoRALinear, apply_lora, lora_parameters
+from engine.recipe import LoRAConfig
 
 BLOCKSIZE = 64  # weights per absmax scale, as in QLoRA
 
@@ -88,6 +90,8 @@ class NF4Linear(nn.Module):
     `.half()` would then cast the fp32 scales, changing W; this way only the device changes.)
     The bias, if any, stays a frozen Parameter in its dtype.
     """
+
+    frozen_linear = True  # engine.lora counts it among the linear layers when it names an adapter's targets
 
     def __init__(self, linear: nn.Linear, double_quant: bool = True):
         super().__init__()
@@ -142,6 +146,19 @@ class QLoRALinear(LoRALinear):
         p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
         return lora_linear(x.to(dtype), weight, bias, self.lora_A.weight, self.lora_B.weight, self.scaling, p,
                            self.training, backend=self.kernels)
+
+
+def apply_qlora(model: nn.Module, cfg: LoRAConfig, seed: int | None = None) -> list[str]:
+    """QLoRA: the targeted layers become QLoRALinear (NF4 base + LoRA factors), every other linear
+    layer but the LM head a frozen NF4Linear; the head, even when targeted, stays full precision."""
+    names = apply_lora(model, cfg, seed, wrap=partial(QLoRALinear, double_quant=cfg.double_quant))
+    quantize_frozen_linears(model, cfg.double_quant)
+    return names
+
+
+def apply_adapter(model: nn.Module, cfg: LoRAConfig, seed: int | None = None) -> list[str]:
+    """LoRA, or QLoRA when cfg.quantize_base is set: what a recipe's `lora:` section asks for."""
+    return (apply_qlora if cfg.quantize_base else apply_lora)(model, cfg, seed)
 
 
 def quantize_frozen_linears(model: nn.Module, double_quant: bool = True) -> list[str]:

@@ -17,44 +17,13 @@ The value after `=` is parsed as YAML, so numbers, booleans, lists and `null` wo
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import math
 import os
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
-
-import yaml
+from typing import Literal, Optional, Union
 
 from engine.safeio import CorruptFile, read_yaml
-
-
-class RecipeError(ValueError):
-    """A problem with a recipe; its message is one line that names the key or file."""
-
-
-FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
-
-
-def check_output_dir(path: str, key: str) -> None:
-    """An output directory must be a directory, or not exist yet under a directory (checked before any work)."""
-    if path == "":
-        raise RecipeError(f"{key}: must not be empty")
-    here = os.path.abspath(os.path.expanduser(path))
-    if os.path.exists(here) and not os.path.isdir(here):
-        raise RecipeError(f"{key}: {path} exists and is not a directory")
-    while not os.path.exists(here):  # the nearest existing ancestor must be a directory we may write in
-        here = os.path.dirname(here)
-    if not os.path.isdir(here):
-        raise RecipeError(f"{key}: {path} cannot be created: {here} is a file")
-    if not os.access(here, os.W_OK | os.X_OK):
-        raise RecipeError(f"{key}: {path}: {here} is not writable")
-
-
-def _help(text: str, **extra) -> dict:
-    return {"help": text, **extra}
+from engine.schema import RecipeError, build, check_output_dir, parse_overrides, schema_help, set_dotted, to_dict
+from engine.schema import help_field as _help  # every field below has one: the short name keeps them on one line
 
 
 # --------------------------------------------------------------------------- schema
@@ -252,215 +221,6 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=_help("evaluation around training"))
 
 
-# --------------------------------------------------------------------------- loading
-
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return "a mapping"
-    if tp is type(None):
-        return "null"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _coerce(value: Any, tp, key: str, root=None) -> Any:
-    """Return `value` as type `tp`, or raise RecipeError naming `key`. `root` is (schema, prefix)
-    of the whole recipe, for suggestions of keys written in the wrong section."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise RecipeError(f"{key}: expected a mapping, got {value!r}")
-        return _build(tp, value, key + ".", root)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key, root)
-            except RecipeError:
-                pass
-        raise RecipeError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            close = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise RecipeError(f"{key}: expected {_type_name(tp)}, got {value!r}{hint}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise RecipeError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_coerce(v, item, f"{key}[{i}]", root) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"{key}: expected a mapping, got {value!r}")
-        kt, vt = typing.get_args(tp)
-        return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}", root) for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise RecipeError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RecipeError(f"{key}: expected an integer, got {value!r}")
-        if not -2**63 <= value < 2**63:  # counts and seeds go to int64 tensors and numpy
-            raise RecipeError(f"{key}: {value} is outside the int64 range")
-        return value
-    if tp is float:
-        # YAML reads 1e-4 (no dot) as a string; accept numeric strings for floats.
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise RecipeError(f"{key}: expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"{key}: expected a number, got {value!r}")
-        # Every number of a recipe ends up in fp32 tensors (lr, betas, scales): inf, nan or a value
-        # past fp32's range (|x| > 3.4e38) would overflow there, far from the key that caused it.
-        if isinstance(value, int) and abs(value) > FLOAT32_MAX:
-            raise RecipeError(f"{key}: {value!r} is outside the float32 range (|x| <= {FLOAT32_MAX:.4g})")
-        value = float(value)
-        if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
-            raise RecipeError(f"{key}: must be a finite number within the float32 range "
-                              f"(|x| <= {FLOAT32_MAX:.4g}), got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise RecipeError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported recipe type {tp} at {key}")  # a bug in the schema, not the recipe
-
-
-def _closest(word: str, options: list[str]) -> str | None:
-    """The known key a typo most likely meant: a shared stem first, then edit similarity."""
-    stems = [o for o in options if word.startswith(o) or o.startswith(word)]
-    if stems:
-        return max(stems, key=len)
-    close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
-    return close[0] if close else None
-
-
-def schema_paths(cls, prefix: str = "") -> list[str]:
-    """Every dotted key of a schema, sections and leaves: ["model", "model.name", ...]."""
-    paths = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        path = prefix + _yaml_key(f)
-        paths.append(path)
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            paths += schema_paths(tp, path + ".")
-        elif typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
-            paths += schema_paths(typing.get_args(tp)[1], path + ".<name>.")  # e.g. pipeline.stages.<name>.
-    return paths
-
-
-def unknown_key_error(key: str, prefix: str, known: list[str], root=None, sections=()) -> RecipeError:
-    """`unknown key 'lora.lr' (did you mean 'lora.r' or 'train.lr'?)`.
-
-    Two kinds of slip are caught, over the whole schema rather than key by key: a typo of a key of
-    this section (the closest of `known`), and a key written in the wrong section: a path anywhere
-    in the recipe (`root` = (schema, prefix)) whose last part is `key` (`distributed` at the top is
-    'train.distributed', `lr` under lora is 'train.lr'), or failing that, is a near spelling of it
-    (`train.lamda` -> 'l1.lambda'). A section name (`sections`) is a weak guess for a misplaced
-    leaf, and so is a weak local typo guess, when a real path elsewhere matches."""
-    elsewhere = []
-    if root is not None:
-        others = [p for p in schema_paths(*root) if p != prefix + key]
-        elsewhere = [p for p in others if p.rsplit(".", 1)[-1] == key]
-        if not elsewhere:
-            near = difflib.get_close_matches(key, sorted({p.rsplit(".", 1)[-1] for p in others}), n=1, cutoff=0.8)
-            elsewhere = [p for p in others if near and p.rsplit(".", 1)[-1] == near[0]]
-    hints = []
-    close = _closest(key, known)
-    if close is not None and elsewhere:  # a real key elsewhere: keep only a strong local guess
-        strong = close.startswith(key) or key.startswith(close) or _one_edit(key, close) or \
-            difflib.SequenceMatcher(None, key, close).ratio() >= 0.75
-        close = close if strong and close not in sections else None
-    if close is not None:
-        hints.append(prefix + close)
-    hints += [p for p in elsewhere if p not in hints][:3]
-    hint = f" (did you mean {' or '.join(repr(h) for h in hints)}?)" if hints else ""
-    return RecipeError(f"unknown key '{prefix}{key}'{hint}")
-
-
-def _one_edit(a: str, b: str) -> bool:
-    """a and b differ by one inserted, deleted or replaced character (lr / r, dtyp / dtype)."""
-    if abs(len(a) - len(b)) > 1:
-        return False
-    if len(a) == len(b):
-        return sum(x != y for x, y in zip(a, b)) == 1
-    short, long_ = sorted((a, b), key=len)
-    return any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
-
-
-def _yaml_key(f: dataclasses.Field) -> str:
-    """A field's key in YAML: its name, or `key` from its metadata where the name is a Python keyword."""
-    return f.metadata.get("key", f.name)
-
-
-def _build(cls, raw: dict, prefix: str = "", root=None):
-    root = root or (cls, prefix)  # the whole schema, for keys written in the wrong section
-    hints = typing.get_type_hints(cls)
-    fields = {_yaml_key(f): f for f in dataclasses.fields(cls)}
-    # YAML 1.1 reads a bare `on:` key as the boolean true; give it back its name where a field has it.
-    raw = {("on" if key is True and "on" in fields else key): v for key, v in raw.items()}
-    for key in raw:
-        if key not in fields:
-            sections = [k for k, f in fields.items() if dataclasses.is_dataclass(hints[f.name])]
-            raise unknown_key_error(str(key), prefix, list(fields), root, sections)
-    kwargs = {}
-    for name, f in fields.items():
-        key = prefix + name
-        if name not in raw:
-            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            if required:
-                raise RecipeError(f"missing required key '{key}'")
-            continue
-        value = _coerce(raw[name], hints[f.name], key, root)
-        check = f.metadata.get("check")
-        if check is not None and value is not None and not check[0](value):
-            raise RecipeError(f"{key}: {check[1]}, got {raw[name]!r}")
-        kwargs[f.name] = value
-    return cls(**kwargs)
-
-
-def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
-    node = raw
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise RecipeError(f"override {dotted}: '{part}' is not a mapping")
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
-    pairs = []
-    for item in items:
-        if "=" not in item:
-            raise RecipeError(f"override {item!r}: expected key.path=value")
-        key, text = item.split("=", 1)
-        try:
-            value = yaml.safe_load(text) if text != "" else ""
-        except yaml.YAMLError:
-            value = text
-        pairs.append((key.strip(), value))
-    return pairs
-
-
 def _check_semantics(recipe: Recipe) -> None:
     """Rules that span several keys or touch the file system."""
     check_output_dir(recipe.output_dir, "output_dir")
@@ -522,36 +282,17 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping")
     for key, value in parse_overrides(list(overrides)):
-        _set_dotted(raw, key, value)
-    recipe = _build(Recipe, raw)
+        set_dotted(raw, key, value)
+    recipe = build(Recipe, raw)
     _check_semantics(recipe)
     return recipe
 
 
 def recipe_to_dict(recipe) -> dict:
     """The recipe as plain YAML-ready data, under the keys a recipe file uses."""
-    out = {}
-    for f in dataclasses.fields(recipe):
-        value = getattr(recipe, f.name)
-        out[_yaml_key(f)] = recipe_to_dict(value) if dataclasses.is_dataclass(value) else value
-    return out
+    return to_dict(recipe)
 
 
-def recipe_help(cls=Recipe, prefix: str = "") -> str:
+def recipe_help() -> str:
     """Every key with its type, default and meaning, for --help."""
-    lines = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            lines.append(f"{prefix}{_yaml_key(f)}:  {f.metadata.get('help', '')}")
-            lines.append(recipe_help(tp, prefix + _yaml_key(f) + "."))
-            continue
-        if f.default is not dataclasses.MISSING:
-            default = f" [default: {f.default!r}]"
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f" [default: {f.default_factory()!r}]"
-        else:
-            default = " [required]"
-        lines.append(f"  {prefix}{_yaml_key(f)} ({_type_name(tp)}){default}\n      {f.metadata.get('help', '')}")
-    return "\n".join(lines)
+    return schema_help(Recipe)

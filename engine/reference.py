@@ -22,6 +22,8 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.safeio import atomic_file
+
 from engine.losses import preference_forward
 from engine.lora import disable_adapters
 
@@ -64,7 +66,6 @@ def load_or_compute_reference(model, batches, device, autocast, cache_dir: str, 
         return load_file(path), path
     table = compute_reference(model, batches, device, autocast)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(table, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(table, tmp)
     return table, path

@@ -1,4 +1,5 @@
-"""Reading the engine's files safely: one loader per format, one error that names the file.
+"""Reading and writing the engine's files safely: one loader per format, one error that names
+the file, and one way to write (`atomic_write` for a file, `atomic_dir` for a directory).
 
 Every file the engine reads from disk (a recipe, a JSONL data file, a checkpoint's JSON and
 safetensors, an adapter, a model directory) goes through these functions. A damaged file
@@ -10,13 +11,22 @@ Integrity beyond what a parser can see: a flipped byte in a tensor's data still 
 Checkpoints therefore record a SHA-256 digest of every file they hold (`file_digests`) and
 of their own JSON (`checksum`, over the canonical JSON of everything else), and
 `engine.checkpoint.verify_checkpoint` compares them before a run resumes.
+
+Writing: a file is written under a temporary name beside it (`<path>.tmp-<pid>`, the same
+directory so the rename is atomic) and renamed over `path` only once it is complete; a directory
+is built as `.<name>.tmp-XXXX` beside it and renamed into place. A killed write leaves at most that
+temporary, never a half-written file under the real name; `engine.checkpoint.remove_stale_temporaries`
+clears them from a run directory at the next start.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from typing import Any
+import shutil
+import tempfile
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import yaml
 
@@ -146,3 +156,100 @@ def json_checksum(obj: dict) -> str:
     """SHA-256 of the canonical JSON of `obj` without its own `checksum` key."""
     body = {k: v for k, v in obj.items() if k != "checksum"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+# --------------------------------------------------------------------------- writing
+
+def temporary_name(path: str) -> str:
+    """The name a file is written under until it is complete (engine.checkpoint clears leftovers)."""
+    return f"{path}.tmp-{os.getpid()}"
+
+
+@contextmanager
+def atomic_file(path: str) -> Iterator[str]:
+    """A temporary path beside `path` for a writer that takes a file name (safetensors' save_file,
+    matplotlib's savefig, ...); a clean exit renames it over `path` (one os.replace), an exception
+    deletes it and leaves any old `path` untouched."""
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+@contextmanager
+def atomic_write(path: str, mode: str = "w", *, fsync: bool = False) -> Iterator:
+    """Open `path` for writing so that it appears whole or not at all:
+
+        with atomic_write("summary.json") as f:
+            json.dump(summary, f)
+
+    The file object is a temporary beside `path` (atomic_file). `fsync` flushes the bytes to the
+    disk before the rename (for a file the next run trusts, e.g. a checkpoint's state)."""
+    with atomic_file(path) as tmp, open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+        yield f
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_text(path: str, text: str) -> None:
+    with atomic_write(path) as f:
+        f.write(text)
+
+
+def write_json(path: str, obj: Any, **dump_args) -> None:
+    """`obj` as JSON (json.dump's arguments pass through, e.g. indent=1), atomically."""
+    with atomic_write(path) as f:
+        json.dump(obj, f, **dump_args)
+
+
+def save_safetensors(tensors: dict, path: str, metadata: dict | None = None) -> None:
+    """safetensors.torch.save_file, atomically."""
+    from safetensors.torch import save_file
+    with atomic_file(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+
+
+@contextmanager
+def atomic_dir(dest: str, *, replace: bool = False, prefix: str | None = None) -> Iterator[str]:
+    """Build a directory beside `dest` and rename it into place once complete:
+
+        with atomic_dir("out/merged") as tmp:
+            write_model(..., tmp)
+
+    The temporary is `.<name>.tmp-XXXX` in `dest`'s parent (the same filesystem, so the rename is
+    atomic); an exception removes it. An existing empty `dest` is replaced. An existing non-empty
+    `dest` is refused (FileExistsError) unless `replace`: then the old one is moved aside only
+    after the new one is complete, and deleted once the new one is in place, so a failure at any
+    point keeps a whole directory under `dest`."""
+    dest = os.path.abspath(dest)
+    parent, name = os.path.dirname(dest), os.path.basename(dest)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=prefix or f".{name}.tmp-", dir=parent)
+    old = None
+    try:
+        yield tmp
+        if os.path.isdir(dest) and os.listdir(dest):
+            if not replace:
+                raise FileExistsError(f"{dest}: already exists")
+            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            os.rmdir(old)
+            os.replace(dest, old)
+        elif os.path.isdir(dest):
+            os.rmdir(dest)
+        try:
+            os.replace(tmp, dest)
+        except BaseException:
+            if old is not None and not os.path.exists(dest):
+                os.replace(old, dest)  # the new one could not take its place: the old one goes back
+                old = None
+            raise
+        tmp = None
+    finally:
+        for leftover in (tmp, old):
+            if leftover is not None:
+                shutil.rmtree(leftover, ignore_errors=True)

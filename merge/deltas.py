@@ -27,12 +27,11 @@ import math
 import os
 import re
 import shutil
-import tempfile
 
 import torch
 from safetensors import safe_open
 
-from engine.safeio import CorruptFile, read_json
+from engine.safeio import CorruptFile, atomic_dir, read_json
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -255,10 +254,9 @@ def resolve_model_dir(name: str, label: str, scratch: str) -> str:
         except ValueError as e:
             raise MergeError(f"{label}: {e}") from None
         hf_logging.disable_progress_bar()
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=scratch)
-        model.save_pretrained(tmp)  # materialised once per merge; built-in models are small
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out)
+        with atomic_dir(out) as tmp:  # materialised once per merge; built-in models are small
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         return out
     try:
         from engine.models import ModelConfig, cache_root, convert_gguf, gguf_cache_dir, resolve_gguf

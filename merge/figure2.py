@@ -36,6 +36,8 @@ import sys
 
 import torch
 
+from engine.safeio import atomic_write, write_json
+
 THRESHOLDS = [1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3]
 STEP_THRESHOLDS = [1e-6, 1e-5, 1e-4]  # drawn over training steps
 CHUNK = 1 << 22  # entries of δ formed at once
@@ -151,10 +153,9 @@ def plot(curves: dict[str, list[list[float]]], steps: dict[str, list[dict[int, l
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,10 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                 steps.setdefault(name, []).append(steps_curve(stage_dir))
         plot(curves, steps, a.out, title=f"Delta sparsity (PAFT Fig. 2), {a.dtype} deltas")
         if a.json:
-            with open(a.json, "w") as f:
-                json.dump({"thresholds": THRESHOLDS, "curves": curves,
-                           "steps": {n: [{str(k): v for k, v in s.items()} for s in ss] for n, ss in steps.items()}},
-                          f, indent=1)
+            per_step = {n: [{str(k): v for k, v in s.items()} for s in ss] for n, ss in steps.items()}
+            write_json(a.json, {"thresholds": THRESHOLDS, "curves": curves, "steps": per_step}, indent=1)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

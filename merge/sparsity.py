@@ -26,12 +26,11 @@ import json
 import math
 import os
 import sys
-from pathlib import Path
 
 import torch
 
 from paft_kernels.l1_lowrank import sparsity_of_product
-from engine.lora import atomic_write
+from engine.safeio import atomic_write, write_text
 from merge.deltas import Adapter, Checkpoint, MergeError, open_model, remove_tree
 
 THRESHOLD = 1e-5
@@ -124,7 +123,7 @@ def write_outputs(result: dict, out_dir: str) -> tuple[str, str]:
     json_path = os.path.join(out_dir, "sparsity.json")
     png_path = os.path.join(out_dir, "sparsity_hist.png")
     text = json.dumps(result, indent=1) + "\n"
-    atomic_write(json_path, lambda p: Path(p).write_text(text))
+    write_text(json_path, text)
 
     h = result["histogram"]
     edges, counts = h["log10_edges"], h["counts"]
@@ -139,7 +138,8 @@ def write_outputs(result: dict, out_dir: str) -> tuple[str, str]:
                  fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(png_path, lambda p: fig.savefig(p, format="png", dpi=100))
+    with atomic_write(png_path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     return json_path, png_path
 

@@ -1,6 +1,5 @@
 """Evaluation suite: `python -m paft_evals TARGET --tasks ... --out results.json`, `python -m paft_evals.report`.
 
-    exact_match.py   greedy batched generation (KV cache) and arithmetic exact match (used by training too)
     common.py        EvalArgs, JSONL reading, chat prompts
     loading.py       TARGET (adapter dir | HF model dir | engine model name) -> model, tokenizer
     refusal.py       the refusal detector (is_refusal)
@@ -10,5 +9,6 @@
     tasks.py         the registry and evaluate()
     report.py        results.md + results.png across variants (write_report)
 
-Nothing is imported here, so `from paft_evals.exact_match import generate` stays light.
+Greedy generation and the arithmetic exact match live in the engine (engine/generate.py: training
+uses them too). Nothing is imported here, so `import paft_evals.tasks` stays light.
 """

@@ -46,9 +46,10 @@ import sys
 import torch
 
 from engine.data.templates import TEMPLATES
+from engine.safeio import atomic_write
 from paft_evals.common import EvalArgs
 from paft_evals.loading import load_target
-from paft_evals.tasks import NEEDS_DATA, TAKES_DATA, TASKS, evaluate
+from paft_evals.tasks import TASKS, evaluate, parse_data
 
 
 def parse_tasks(values: list[str]) -> list[str]:
@@ -61,45 +62,12 @@ def parse_tasks(values: list[str]) -> list[str]:
     return tasks
 
 
-def parse_data(values: list[str], tasks: list[str]) -> dict[str, list[str]]:
-    """--data values -> {task: [files]} (see the module docstring)."""
-    data: dict[str, list[str]] = {}
-    bare = []
-    for value in values:
-        task, sep, path = value.partition("=")
-        if sep and task in TASKS:
-            if task not in TAKES_DATA:
-                raise ValueError(f"--data: task {task} takes no data file")
-            data.setdefault(task, []).append(path)
-        else:
-            bare.append(value)
-    if bare:
-        takers = [t for t in tasks if t in TAKES_DATA]
-        if len(takers) != 1:
-            raise ValueError(f"--data {bare[0]}: say which task it is for (--data TASK=FILE); "
-                             f"tasks that take data here: {', '.join(takers) or 'none'}")
-        data.setdefault(takers[0], []).extend(bare)
-    for task in tasks:
-        if task in NEEDS_DATA and not data.get(task):
-            raise ValueError(f"{task}: needs a data file (--data {task}=FILE)")
-        for path in data.get(task, []):
-            if path not in ("builtin:harmbench", "gsm8k100") and not os.path.exists(path):
-                raise FileNotFoundError(f"--data {task}={path}: file not found")
-    return data
-
-
 def write_json_atomic(obj, path: str) -> None:
     """Write to a temporary file beside `path`, then rename it over `path`: never half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
 
 
 def check_out_file(path: str) -> None:

@@ -4,12 +4,12 @@
 
 The held-out problems never appear in training (engine.data.arithmetic splits by a stable
 hash), and the prompt is rendered with the training chat template; the scoring is
-paft_evals.exact_match, the same code training uses for its before/after check.
+engine.generate, the same code training uses for its before/after check.
 """
 from __future__ import annotations
 
 from engine.data import arithmetic_rows
-from paft_evals import exact_match as em
+from engine import generate as em
 from paft_evals.common import EvalArgs
 
 DEFAULT_N = 200  # held-out problems scored when --limit is not given

@@ -32,7 +32,7 @@ from __future__ import annotations
 import random
 
 from engine.data import catalog
-from paft_evals import exact_match as em
+from engine import generate as em
 from paft_evals.common import EvalArgs, first, first_of_each, stderr
 from paft_evals.generation import extract_line
 from paft_evals.harmbench import score_refusals

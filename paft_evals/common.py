@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from engine.safeio import is_clean_text, read_text
-from paft_evals.exact_match import prompt_text
+from engine.generate import prompt_text
 
 
 @dataclass

@@ -24,8 +24,9 @@ variant plays which role is set by the `findings` section of a pipeline recipe (
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
+
+from engine.safeio import write_text
 
 
 @dataclass
@@ -205,7 +206,4 @@ def render(results: list[dict], cfg: FindingsConfig, title: str, notes: list[str
 
 
 def write_findings(path: str, text: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text(path, text)

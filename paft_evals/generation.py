@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 
-from paft_evals import exact_match as em
+from engine import generate as em
 from paft_evals.common import EvalArgs, chat_prompt, first, need_data, read_jsonl, stderr
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")

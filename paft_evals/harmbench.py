@@ -26,7 +26,7 @@ import csv
 from collections import defaultdict
 
 from engine.data.preference import harmbench_csv, harmbench_prompt
-from paft_evals import exact_match as em
+from engine import generate as em
 from paft_evals.common import EvalArgs, chat_prompt, first, stderr
 from paft_evals.refusal import is_refusal
 

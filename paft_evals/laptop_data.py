@@ -18,14 +18,9 @@ import json
 import os
 import sys
 
+from engine.safeio import write_text
+
 SHAREGPT_ROWS = 800
-
-
-def _write(path: str, text: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def write_all(out: str) -> list[str]:
@@ -34,7 +29,7 @@ def write_all(out: str) -> list[str]:
     os.makedirs(out, exist_ok=True)
     chats = [r for r in load_named("sharegpt", "train") if r][:SHAREGPT_ROWS]
     path = os.path.join(out, f"sharegpt_train{SHAREGPT_ROWS}.jsonl")
-    _write(path, "".join(json.dumps({"messages": r["messages"]}, ensure_ascii=False) + "\n" for r in chats))
+    write_text(path, "".join(json.dumps({"messages": r["messages"]}, ensure_ascii=False) + "\n" for r in chats))
     return [path]
 
 

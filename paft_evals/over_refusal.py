@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-from paft_evals import exact_match as em
+from engine import generate as em
 from paft_evals.common import EvalArgs, chat_prompt, first, read_jsonl, stderr
 from paft_evals.harmbench import rates_by
 from paft_evals.refusal import is_refusal

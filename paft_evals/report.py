@@ -18,6 +18,7 @@ import json
 import os
 import sys
 
+from engine.safeio import write_text
 from paft_evals.tasks import HEADLINE, task_of
 
 MISSING = "–"
@@ -55,7 +56,7 @@ def default_columns(rows: list[dict]) -> list[str]:
 def _cell(value) -> str:
     if value is None:
         return MISSING
-    if isinstance(value, dict) and "mean" in value:  # over seeds (engine.seeds): "mean ± se"
+    if isinstance(value, dict) and "mean" in value:  # over seeds (engine/pipeline/seeds.py): "mean ± se"
         se = value.get("se")
         return f"{value['mean']:.3f} ± {se:.3f}" if se is not None else f"{value['mean']:.3f}"
     if isinstance(value, float):
@@ -115,10 +116,7 @@ def write_report(rows: list[dict], columns: list[str], out_dir: str, title: str 
     os.makedirs(out_dir, exist_ok=True)
     md, png = os.path.join(out_dir, "results.md"), os.path.join(out_dir, "results.png")
     text = markdown_table(rows, columns, title)
-    tmp = f"{md}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, md)
+    write_text(md, text)
     bar_chart(rows, columns, png, title)
     return {"markdown": md, "png": png}
 

@@ -100,3 +100,30 @@ def _stem(path: str) -> str:
     if base == "task.json":  # BIG-bench keeps every task in <name>/task.json
         base = os.path.basename(os.path.dirname(os.path.normpath(path)))
     return base.split(".")[0] or base
+
+
+def parse_data(values: list[str], tasks: list[str]) -> dict[str, list[str]]:
+    """`python -m paft_evals --data` values -> {task: [files]} (see paft_evals/__main__.py)."""
+    data: dict[str, list[str]] = {}
+    bare = []
+    for value in values:
+        task, sep, path = value.partition("=")
+        if sep and task in TASKS:
+            if task not in TAKES_DATA:
+                raise ValueError(f"--data: task {task} takes no data file")
+            data.setdefault(task, []).append(path)
+        else:
+            bare.append(value)
+    if bare:
+        takers = [t for t in tasks if t in TAKES_DATA]
+        if len(takers) != 1:
+            raise ValueError(f"--data {bare[0]}: say which task it is for (--data TASK=FILE); "
+                             f"tasks that take data here: {', '.join(takers) or 'none'}")
+        data.setdefault(takers[0], []).extend(bare)
+    for task in tasks:
+        if task in NEEDS_DATA and not data.get(task):
+            raise ValueError(f"{task}: needs a data file (--data {task}=FILE)")
+        for path in data.get(task, []):
+            if path not in ("builtin:harmbench", "gsm8k100") and not os.path.exists(path):
+                raise FileNotFoundError(f"--data {task}={path}: file not found")
+    return data

@@ -1,7 +1,11 @@
 """Hand-written kernels (Triton on CUDA, torch references on CPU), one file per kernel family.
 
 Each module carries its own Triton kernel(s), a torch reference, and a dispatch function
-taking backend="auto" | "triton" | "torch".
+taking backend="auto" | "triton" | "torch"; a family over ~500 lines is split along its math
+(lora_linear / lora_triton / lora_torch; nf4 / nf4_quant). The plumbing they share (the optional
+Triton import, the interpreter and availability checks, route resolution, the measured route
+tables) is utils.py. paft_kernels is the bottom layer: it imports nothing from engine/, merge/,
+paft_evals/ or benchmarks/.
 
 Why `paft_kernels` and not `kernels`: that is Hugging Face's hub-kernels package, which
 transformers >= 5.25 requires and imports with every model class. A top-level folder named
@@ -35,22 +39,3 @@ class CompileSpec:
     num_stages: int = 3
     tags: dict[str, Any] = field(default_factory=dict)  # free-form: rank, dtype, route ...
 
-
-def is_interpreted(kernel) -> bool:
-    """True when `kernel` was defined under TRITON_INTERPRET=1, so it runs on CPU tensors."""
-    if kernel is None:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(kernel, InterpretedFunction)
-
-
-def check_triton_device(on_cuda: bool, interpreted: bool, triton_module) -> None:
-    """One clear error for every case in which backend='triton' cannot run these tensors."""
-    if triton_module is None:
-        raise RuntimeError("backend='triton' needs the triton package, which is not installed")
-    if not on_cuda and not interpreted:
-        raise RuntimeError("backend='triton' on CPU tensors runs only under the Triton interpreter: set "
-                           "TRITON_INTERPRET=1 in the environment before triton (and this module) is imported, "
-                           "or use backend='torch'")
-    if on_cuda and interpreted:
-        raise RuntimeError("TRITON_INTERPRET=1 is set: the interpreted kernels take CPU tensors, not CUDA ones")

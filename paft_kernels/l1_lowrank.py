@@ -49,13 +49,8 @@ from __future__ import annotations
 
 import torch
 
-from paft_kernels import check_triton_device, is_interpreted
-
-try:  # Triton is optional: without it (CPU-only installs) the torch reference serves
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
+from paft_kernels import CompileSpec
+from paft_kernels.utils import check_triton, resolve_backend, tl, triton, triton_interpreted
 
 CHUNK_ELEMENTS = 1 << 24  # torch reference: rows per chunk so a chunk of B A is ≤ 16M entries
 
@@ -144,6 +139,7 @@ CONFIGS = {16: (128, 64, 4), 32: (128, 64, 8), 64: (128, 64, 8), 128: (64, 64, 8
 FP32_R128 = (64, 32, 8)  # fp32 at R_PAD = 128: 64×64 spilled 284 bytes (sm_90), 64×32 does not
 NUM_STAGES = 2  # the K loop streams only the small A tiles: double buffering is enough
 TARGET_PROGRAMS = 264  # 2 per SM of an H100/H200 (132 SMs): the split of K is sized to reach it
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 if triton is not None:
     @triton.jit
@@ -193,18 +189,6 @@ if triton is not None:
             tl.store(ws + rn[:, None] * R + rr[None, :], db, mask=(rn[:, None] < N) & (rr[None, :] < R))
 
 
-def triton_interpreted() -> bool:
-    """True when this module's kernels were defined under TRITON_INTERPRET=1 (run on CPU tensors)."""
-    return triton is not None and is_interpreted(_l1_lowrank_kernel)
-
-
-def _check_triton(*tensors: torch.Tensor) -> None:
-    check_triton_device(all(t.is_cuda for t in tensors), triton_interpreted(), triton)
-    for t in tensors:
-        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"l1_lowrank triton path takes fp32/bf16/fp16, got {t.dtype} (use backend='torch')")
-
-
 def _precision(dtype: torch.dtype) -> str:
     """Tensor-core dots for every dtype. bf16/fp16 tiles multiply exactly into fp32. fp32 tiles run
     as TF32 (10-bit mantissa: each product carries a relative error up to ~1e-3): 3xTF32 would be
@@ -245,7 +229,10 @@ def l1_lowrank_triton(A: torch.Tensor, B: torch.Tensor, scale: float, lam: float
     element the kernel fails to write then shows up as NaN instead of as a plausible stale value).
     """
     _check(A, B, scale, lam)
-    _check_triton(A, B)
+    check_triton(A, B)
+    for t in (A, B):
+        if t.dtype not in TRITON_DTYPES:
+            raise ValueError(f"l1_lowrank triton path takes fp32/bf16/fp16, got {t.dtype} (use backend='torch')")
     if B.dtype != A.dtype:
         raise ValueError(f"l1_lowrank: A and B must share a dtype, got {A.dtype} and {B.dtype}")
     R, K = A.shape
@@ -275,7 +262,6 @@ def l1_lowrank_triton(A: torch.Tensor, B: torch.Tensor, scale: float, lam: float
 
 def compile_specs():
     """Every config l1_lowrank_triton launches on a GPU: dtype × padded rank × value-only/with grads."""
-    from paft_kernels import CompileSpec
     specs = []
     for dtype, tname in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
         for rp in CONFIGS:
@@ -299,16 +285,6 @@ def compile_specs():
 # autograd + dispatch
 # --------------------------------------------------------------------------------------
 
-def _resolve(backend: str, A: torch.Tensor, B: torch.Tensor) -> str:
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', not {backend!r}")
-    if backend != "auto":
-        return backend
-    ok = (triton is not None and A.is_cuda and B.is_cuda and not triton_interpreted() and A.shape[0] <= 128
-          and A.dtype == B.dtype and A.dtype in (torch.float32, torch.bfloat16, torch.float16))
-    return "triton" if ok else "torch"
-
-
 class L1LowRank(torch.autograd.Function):
     """value = λ‖s·B A‖₁. The gradients cost about what the value costs and are always
     wanted when the value is (it is a loss term), so forward computes them (Liger-style)
@@ -317,7 +293,8 @@ class L1LowRank(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A, B, scale: float, lam: float, backend: str = "auto"):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        impl = l1_lowrank_triton if _resolve(backend, A, B) == "triton" else l1_lowrank_torch
+        fits = A.shape[0] <= 128 and A.dtype == B.dtype and A.dtype in TRITON_DTYPES  # what the kernel takes
+        impl = l1_lowrank_triton if resolve_backend(backend, A, B, fits=fits) == "triton" else l1_lowrank_torch
         value, dA, dB = impl(A, B, scale, lam, need_grad=need_grad)
         if need_grad:
             ctx.save_for_backward(dA, dB)
@@ -336,4 +313,4 @@ def l1_lowrank(A: torch.Tensor, B: torch.Tensor, scale: float, lam: float, backe
 
 
 __all__ = ["l1_lowrank", "L1LowRank", "l1_lowrank_torch", "l1_lowrank_triton", "l1_lowrank_dense",
-           "sparsity_of_product", "triton_interpreted", "compile_specs", "CONFIGS"]
+           "sparsity_of_product", "compile_specs", "CONFIGS"]

@@ -50,7 +50,7 @@ from torch import Tensor
 
 
 def compile_specs() -> list:
-    """No Triton kernels in this module (paft_kernels/lora_linear.py lists the LoRA kernels' specs)."""
+    """No Triton kernels in this module (paft_kernels/lora_triton.py lists the LoRA kernels' specs)."""
     return []
 
 

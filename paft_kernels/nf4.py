@@ -1,8 +1,10 @@
-"""NF4 (4-bit NormalFloat) blockwise quantization, with optional double quantization.
+"""NF4 (4-bit NormalFloat) blockwise quantization, with optional double quantization: the format and
+its dequantization (the quantizer and the bitsandbytes bridge are paft_kernels/nf4_quant.py).
 
 The storage format of QLoRA (Dettmers, Pagnoni, Holtzman, Zettlemoyer 2023, "QLoRA: Efficient
 Finetuning of Quantized LLMs", arXiv:2305.14314), byte for byte as bitsandbytes stores it, so a
-weight quantized here dequantizes in bitsandbytes and the other way round (see to_bnb / from_bnb).
+weight quantized here dequantizes in bitsandbytes and the other way round (see nf4_quant.to_bnb /
+from_bnb).
 
 Math
 ----
@@ -50,7 +52,7 @@ Cost per weight (dequantization, the op that runs every forward in QLoRA)
     Quantization (once, at load time): abs, max, mul, clamp, a 4-step binary search per weight.
 
 Implementations
-    quantize_nf4            plain torch (runs once per weight; no kernel needed).
+    quantize_nf4            plain torch (runs once per weight; no kernel needed): nf4_quant.py.
     dequantize_nf4_torch    plain torch reference.
     dequantize_nf4_triton   Triton: one program per tile of BLOCKS_PER_PROG quantization blocks;
                             the double-quantized absmax is dequantized inside the same kernel.
@@ -63,22 +65,7 @@ Implementations
                             autotuned on the GPU per weight size, block size, format and dtype.
     dequantize_nf4          dispatch ("auto": Triton for CUDA tensors, torch for CPU).
 
-Bit-exactness notes (checked against bitsandbytes 0.50.2 on CPU in tests/test_nf4.py)
-    * The 4-bit codes and bytes are identical to bitsandbytes' quantize_4bit on CPU (its torch
-      "default" backend): full blocks are scaled by the fp32 reciprocal, w * (1/absmax), the
-      last partial block is divided, w / absmax (x / a and x * (1/a) can differ in the last
-      bit); all-zero blocks store absmax 0 (full block) or 1e-38 (partial block), as there.
-      bitsandbytes' CUDA quantizer (dQuantizeNF4 in csrc/kernels.cu) hard-codes the midpoints
-      as float literals with the same strict `x > m` test; the 11 literals we checked are these
-      fp32 midpoints exactly, so ties agree. It scales a partial last block by the reciprocal
-      too, so there a value one ulp from a midpoint could round differently (not checked on a
-      GPU).
-    * The 8-bit absmax codes use the same recipe (reciprocal scaling, nearest code by midpoints,
-      ties down), which is bitsandbytes' torch fallback. Its C++ CPU quantizer (used on CPU)
-      is not exactly nearest: it picks the farther neighbour for values within ~1e-5 of a
-      midpoint and is coarser still right next to 0 (measured: ~0.2% of absmax codes on
-      randn weights). The scales, offset and format are identical, so each library
-      dequantizes the other's output; only those few absmax_q bytes can differ.
+Bit-exactness notes on dequantization (the quantizer's are in nf4_quant.py)
     * Dequantization is code * absmax in fp32, then one rounding to the output dtype, as in
       every bitsandbytes backend, so outputs are bit-identical for the same NF4Tensor. The
       Triton kernel is launched with enable_fp_fusion=False so that DYN[q] * s + offset is not
@@ -93,22 +80,14 @@ Bit-exactness notes (checked against bitsandbytes 0.50.2 on CPU in tests/test_nf
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from paft_kernels import is_interpreted
-
-try:  # Triton is optional: the torch path below is the reference and runs everywhere.
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    HAS_TRITON = False
+from paft_kernels import CompileSpec
+from paft_kernels.utils import HAS_TRITON, check_backend, interpret_requested, tl, triton, triton_interpreted
 
 # The 16 NF4 values, sorted, exactly as bitsandbytes hard-codes them (functional.get_4bit_type("nf4")).
 # They are create_normal_map(offset=0.9677083): norm.ppf at 8 evenly spaced quantiles in
@@ -186,8 +165,9 @@ NF4_BYTE_TABLE = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16
 _TABLE_CACHE: dict[tuple[str, torch.device], Tensor] = {}
 
 
-def _table(name: str, device: torch.device) -> Tensor:
-    """NF4_CODE / NF4_MIDPOINTS / DYNAMIC_CODE on `device`, copied there once."""
+def code_table(name: str, device: torch.device) -> Tensor:
+    """NF4_CODE / NF4_MIDPOINTS / DYNAMIC_CODE / NF4_BYTE_TABLE ("nf4", "mid", "dyn", "pair") on `device`,
+    copied there once (the quantizer in nf4_quant.py uses them too)."""
     key = (name, torch.device(device))
     if key not in _TABLE_CACHE:
         src = {"nf4": NF4_CODE, "mid": NF4_MIDPOINTS, "dyn": DYNAMIC_CODE, "pair": NF4_BYTE_TABLE}[name]
@@ -271,78 +251,6 @@ class NF4Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Quantization (plain torch)
-# ----------------------------------------------------------------------------------------------
-
-def _blockwise_absmax_scaled(x: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
-    """x (n,) fp32 -> (absmax (n_blocks,), x scaled into [-1, 1] (n,)), bitsandbytes' arithmetic."""
-    n = x.numel()
-    rem = n % blocksize
-    full = n - rem
-    x_full = x[:full].view(-1, blocksize)  # (n_full_blocks, blocksize)
-    absmax = x_full.abs().amax(dim=1) if full else x.new_empty(0)  # (n_full_blocks,)
-    # Multiply by the fp32 reciprocal (as bitsandbytes and its CUDA kernel do); clamp the
-    # divisor so an all-zero block gives codes for 0 instead of NaN, but store absmax = 0.
-    scaled = torch.clamp(x_full * (1.0 / absmax.clamp(min=1e-38)).view(-1, 1), -1, 1).reshape(-1)
-    if rem:
-        # bitsandbytes' torch path divides the trailing partial block (and stores the clamped
-        # absmax); x / a and x * (1/a) can differ in the last bit, so we copy it exactly.
-        am = x[full:].abs().max().clamp(min=1e-38)
-        absmax = torch.cat([absmax, am.view(1)])
-        scaled = torch.cat([scaled, torch.clamp(x[full:] / am, -1, 1)])
-    return absmax, scaled
-
-
-def _quantize_blockwise_8bit(x: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
-    """8-bit blockwise quantization of a small fp32 vector (the centred absmax) against `code`.
-
-    The same recipe as the 4-bit path (and bitsandbytes' torch quantize_blockwise): scale by the
-    block absmax, then nearest code by midpoints, ties to the lower code. Blocks are 256 long:
-    n is tiny (n_blocks of the weight), so this runs once per weight and costs nothing.
-    Returns (q uint8 (n,), absmax fp32 (ceil(n/blocksize),)).
-    """
-    absmax, scaled = _blockwise_absmax_scaled(x, blocksize)  # (n_blocks2,), (n,)
-    midpoints = (code[:-1] + code[1:]) / 2  # (255,)
-    q = torch.bucketize(scaled, midpoints, out_int32=True).to(torch.uint8)  # (n,)
-    # A block of exact zeros (every absmax equal, e.g. a tensor of one block) is 0/0 in
-    # bitsandbytes' C++ and CUDA quantizers: they store scale 0 and code 0. Do the same (it
-    # dequantizes to DYN[0] * 0 + offset = offset, as any code would).
-    zero = absmax <= 1e-38  # (n_blocks2,) only an all-zero block has absmax 0 (or 1e-38 if partial)
-    if zero.any():
-        absmax = torch.where(zero, 0.0, absmax)
-        q = torch.where(zero.repeat_interleave(blocksize)[: q.numel()], 0, q).to(torch.uint8)
-    return q, absmax
-
-
-def quantize_nf4(w: Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
-    """Quantize w (fp32/bf16/fp16, any shape) to NF4; same bytes as bitsandbytes.quantize_4bit."""
-    if blocksize not in VALID_BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {VALID_BLOCKSIZES}, got {blocksize}")
-    if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"quantize_nf4 takes fp32/bf16/fp16 weights, got {w.dtype}")
-    if w.numel() == 0:
-        raise ValueError("cannot quantize an empty tensor")
-    x = w.detach().reshape(-1).float()  # (n,) fp32: bf16/fp16 inputs convert exactly
-    absmax, scaled = _blockwise_absmax_scaled(x, blocksize)  # (n_blocks,), (n,)
-
-    # Nearest code by counting the midpoints strictly below x (ties -> lower code), as bitsandbytes.
-    codes = torch.bucketize(scaled, _table("mid", x.device), out_int32=True).to(torch.uint8)  # (n,)
-    if codes.numel() % 2:
-        # bitsandbytes pads the scaled values with 0.0, so the spare low nibble holds code 7 (= 0.0)
-        codes = torch.cat([codes, codes.new_full((1,), 7)])
-    packed = (codes[0::2] << 4) | codes[1::2]  # (ceil(n/2),) even element -> high nibble
-
-    q = NF4Tensor(packed=packed, shape=torch.Size(w.shape), dtype=w.dtype, blocksize=blocksize)
-    if not double_quant:
-        q.absmax = absmax
-        return q
-    offset = absmax.mean()  # fp32 0-dim, the same reduction bitsandbytes runs
-    absmax_q, absmax_scale = _quantize_blockwise_8bit(absmax - offset, _table("dyn", x.device), DQ_BLOCKSIZE)
-    q.absmax_q, q.absmax_scale, q.absmax_offset = absmax_q, absmax_scale, float(offset.item())
-    return q
-
-
-# ----------------------------------------------------------------------------------------------
 # Dequantization: torch reference
 # ----------------------------------------------------------------------------------------------
 
@@ -350,7 +258,7 @@ def dequantize_absmax(q: NF4Tensor) -> Tensor:
     """The fp32 per-block scales (n_blocks,), undoing double quantization if present."""
     if not q.double_quant:
         return q.absmax.float()
-    code2 = q.absmax_code if q.absmax_code is not None else _table("dyn", q.device)
+    code2 = q.absmax_code if q.absmax_code is not None else code_table("dyn", q.device)
     scale = q.absmax_scale.repeat_interleave(q.blocksize2)[: q.n_blocks]  # (n_blocks,)
     absmax = code2[q.absmax_q.long()] * scale  # one fp32 rounding ...
     return absmax + q.absmax_offset  # ... and a second one: exactly bitsandbytes' two ops
@@ -365,7 +273,7 @@ def dequantize_nf4_torch(q: NF4Tensor, dtype: Optional[torch.dtype] = None) -> T
     """
     dtype = dtype or q.dtype
     n, bs = q.numel, q.blocksize
-    vals = torch.index_select(_table("pair", q.device), 0, q.packed.int())  # (ceil(n/2), 2) fp32
+    vals = torch.index_select(code_table("pair", q.device), 0, q.packed.int())  # (ceil(n/2), 2) fp32
     vals = vals.view(-1)[:n]  # (n,) drops the padding nibble of an odd n
     absmax = dequantize_absmax(q)  # (n_blocks,)
     full = n - n % bs
@@ -468,7 +376,7 @@ if HAS_TRITON:
     _nf4_dequant_tuned = triton.autotune(
         configs=[triton.Config({}, num_warps=w) for w in WARPS],
         key=["n_blocks", "BLOCKSIZE", "DOUBLE_QUANT", "OUT_BF16"],
-    )(_nf4_dequant_kernel) if not is_interpreted(_nf4_dequant_kernel) else None
+    )(_nf4_dequant_kernel) if not triton_interpreted() else None
 
 
 def _launchable_kernel(on_cpu: bool):
@@ -479,7 +387,7 @@ def _launchable_kernel(on_cpu: bool):
     if on_cpu:
         from triton.runtime.interpreter import InterpretedFunction
 
-        if not isinstance(kernel, InterpretedFunction):
+        if not isinstance(kernel, InterpretedFunction):  # this kernel object, whatever the environment says now
             global _INTERPRETED
             if _INTERPRETED is None:
                 _INTERPRETED = InterpretedFunction(kernel.fn)
@@ -490,17 +398,13 @@ def _launchable_kernel(on_cpu: bool):
 _INTERPRETED = None
 
 
-def _interpret_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 def dequantize_nf4_triton(q: NF4Tensor, dtype: Optional[torch.dtype] = None, out: Optional[Tensor] = None,
                           blocks_per_prog: Optional[int] = None) -> Tensor:
     """Triton dequantization; `out` (contiguous, q.shape, dtype) is written in place if given."""
     if not HAS_TRITON:
         raise RuntimeError("dequantize_nf4_triton needs triton, which is not installed")
     on_cpu = q.device.type == "cpu"
-    if on_cpu and not _interpret_enabled():
+    if on_cpu and not interpret_requested():
         raise RuntimeError(
             "the Triton NF4 kernel got CPU tensors: Triton runs on CPU only in its interpreter; "
             "set TRITON_INTERPRET=1, or use backend='torch' (the default for CPU tensors)")
@@ -514,7 +418,7 @@ def dequantize_nf4_triton(q: NF4Tensor, dtype: Optional[torch.dtype] = None, out
     bpp = blocks_per_prog or max(1, 2048 // q.blocksize)
     if q.double_quant:
         absmax, absmax_scale, offset = q.absmax_q, q.absmax_scale, float(q.absmax_offset)
-        absmax_code = q.absmax_code if q.absmax_code is not None else _table("dyn", q.device)
+        absmax_code = q.absmax_code if q.absmax_code is not None else code_table("dyn", q.device)
     else:  # the unused pointers get any valid tensor; the constexpr branch never reads them
         absmax, absmax_scale, absmax_code, offset = q.absmax, q.absmax, q.absmax, 0.0
     consts = dict(BLOCKSIZE=q.blocksize, BLOCKSIZE2=q.blocksize2, BLOCKS_PER_PROG=bpp,
@@ -540,7 +444,6 @@ def compile_specs():
     """Every config dequantize_nf4_triton launches on a GPU. QLoRA's block size 64: both absmax
     formats × the three output dtypes × the autotuned warps, and the tail launch (4 warps); the
     other block sizes bitsandbytes allows: bf16 output, double quantization, 4 warps."""
-    from paft_kernels import CompileSpec
     if not HAS_TRITON:
         return []
     specs = []
@@ -571,54 +474,10 @@ def dequantize_nf4(q: NF4Tensor, dtype: Optional[torch.dtype] = None, backend: s
     "auto" runs the Triton kernel for CUDA tensors (when triton is installed) and the torch
     reference otherwise; "triton" on CPU tensors needs TRITON_INTERPRET=1 (the interpreter).
     """
+    check_backend(backend)
     if backend == "auto":
         backend = "triton" if (q.device.type == "cuda" and HAS_TRITON) else "torch"
     if backend == "torch":
         LAUNCHES["torch"] += 1
         return dequantize_nf4_torch(q, dtype)
-    if backend == "triton":
-        return dequantize_nf4_triton(q, dtype)
-    raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Interop with bitsandbytes (imported here only, so this module works without it)
-# ----------------------------------------------------------------------------------------------
-
-def to_bnb(q: NF4Tensor):
-    """-> (packed (ceil(n/2), 1) uint8, bitsandbytes QuantState) for bitsandbytes.functional.dequantize_4bit."""
-    from bitsandbytes.functional import QuantState
-
-    code = _table("nf4", q.device).clone()
-    packed = q.packed.view(-1, 1)  # bitsandbytes' Params4bit shape
-    if not q.double_quant:
-        state = QuantState(absmax=q.absmax, shape=q.shape, code=code, blocksize=q.blocksize,
-                           quant_type="nf4", dtype=q.dtype)
-        return packed, state
-    code2 = q.absmax_code if q.absmax_code is not None else _table("dyn", q.device)
-    state2 = QuantState(absmax=q.absmax_scale, code=code2.clone(), blocksize=q.blocksize2, dtype=torch.float32)
-    state = QuantState(absmax=q.absmax_q, shape=q.shape, code=code, blocksize=q.blocksize, quant_type="nf4",
-                       dtype=q.dtype, offset=torch.tensor(q.absmax_offset, dtype=torch.float32, device=q.device),
-                       state2=state2)
-    return packed, state
-
-
-def from_bnb(packed: Tensor, quant_state) -> NF4Tensor:
-    """bitsandbytes (packed, QuantState) from quantize_4bit(quant_type='nf4') -> NF4Tensor (shares storage)."""
-    qs = quant_state
-    if qs.quant_type != "nf4":
-        raise ValueError(f"only NF4 is supported, got quant_type={qs.quant_type!r}")
-    if qs.code is not None and not torch.equal(qs.code.float().cpu(), NF4_CODE):
-        raise ValueError("quant_state.code is not the standard NF4 table")
-    q = NF4Tensor(packed=packed.contiguous().view(torch.uint8).reshape(-1), shape=torch.Size(qs.shape),
-                  dtype=qs.dtype, blocksize=qs.blocksize)
-    if not qs.nested:
-        q.absmax = qs.absmax.float()
-        return q
-    q.absmax_q = qs.absmax
-    q.absmax_scale = qs.state2.absmax.float()
-    q.absmax_offset = float(qs.offset)
-    q.blocksize2 = qs.state2.blocksize
-    if not torch.equal(qs.state2.code.float().cpu(), DYNAMIC_CODE):
-        q.absmax_code = qs.state2.code.float()  # e.g. a map from an older bitsandbytes
-    return q
+    return dequantize_nf4_triton(q, dtype)

@@ -60,13 +60,8 @@ from __future__ import annotations
 
 import torch
 
-from paft_kernels import check_triton_device, is_interpreted
-
-try:  # Triton is optional: without it (CPU-only installs) the torch reference serves
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
+from paft_kernels import CompileSpec
+from paft_kernels.utils import check_backend, check_triton, resolve_backend, tl, triton
 
 PAD = 64  # flat buffers are padded to a multiple of this (see flatten_params_)
 LAUNCHES = {"triton": 0, "torch": 0}  # prox_adamw_step calls per route, since import
@@ -176,21 +171,12 @@ if triton is not None:
         tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
 
 
-def triton_interpreted() -> bool:
-    """True when this module's kernels were defined under TRITON_INTERPRET=1 (run on CPU tensors)."""
-    return triton is not None and is_interpreted(_prox_adamw_kernel)
-
-
-def _check_triton(*tensors: torch.Tensor) -> None:
-    check_triton_device(all(t.is_cuda for t in tensors), triton_interpreted(), triton)
-
-
 @torch.no_grad()
 def prox_adamw_step_triton(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
                            step: int, lr: float, beta1: float, beta2: float, eps: float,
                            weight_decay: float, l1: float) -> None:
     """The same update as prox_adamw_step_torch, in one Triton kernel (in place)."""
-    _check_triton(p, g, m, v)
+    check_triton(p, g, m, v)
     for name, t in (("grad", g), ("exp_avg", m), ("exp_avg_sq", v)):
         if t.shape != p.shape or t.device != p.device:
             raise ValueError(f"prox_adamw: {name} {tuple(t.shape)} on {t.device} does not match the "
@@ -210,7 +196,6 @@ def prox_adamw_step_triton(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v:
 
 def compile_specs():
     """Every config prox_adamw_step_triton launches on a GPU: storage dtype × the lerp form."""
-    from paft_kernels import CompileSpec
     if triton is None:
         return []
     specs = []
@@ -227,19 +212,10 @@ def compile_specs():
     return specs
 
 
-def _resolve(backend: str, *tensors: torch.Tensor) -> str:
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', not {backend!r}")
-    if backend != "auto":
-        return backend
-    ok = (triton is not None and all(t.is_cuda for t in tensors) and not triton_interpreted()
-          and all(t.is_contiguous() for t in tensors))
-    return "triton" if ok else "torch"
-
-
 def route(backend: str, *tensors: torch.Tensor) -> str:
-    """The route prox_adamw_step takes for these tensors: 'triton' or 'torch'."""
-    return _resolve(backend, *tensors)
+    """The route prox_adamw_step takes for these tensors: 'triton' or 'torch' (auto: the kernel on
+    contiguous CUDA tensors)."""
+    return resolve_backend(backend, *tensors, fits=all(t.is_contiguous() for t in tensors))
 
 
 def prox_adamw_step(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
@@ -250,9 +226,9 @@ def prox_adamw_step(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.
         raise ValueError(f"prox_adamw: step counts from 1 (the value after the increment), got {step}")
     if l1 < 0:
         raise ValueError(f"prox_adamw: l1 must be >= 0, got {l1}")
-    route = _resolve(backend, p, g, m, v)
-    LAUNCHES[route] += 1  # which code path really ran (benchmarks and the start-up line read it)
-    fn = prox_adamw_step_triton if route == "triton" else prox_adamw_step_torch
+    chosen = route(backend, p, g, m, v)
+    LAUNCHES[chosen] += 1  # which code path really ran (benchmarks and the start-up line read it)
+    fn = prox_adamw_step_triton if chosen == "triton" else prox_adamw_step_torch
     fn(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, l1)
 
 
@@ -336,8 +312,7 @@ class ProxAdamW(torch.optim.Optimizer):
         if lr < 0 or eps < 0 or weight_decay < 0 or l1 < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"ProxAdamW: invalid hyper-parameters lr={lr} betas={betas} eps={eps} "
                              f"weight_decay={weight_decay} l1={l1}")
-        if backend not in ("auto", "triton", "torch"):
-            raise ValueError(f"backend must be 'auto', 'triton' or 'torch', not {backend!r}")
+        check_backend(backend)
         self.backend = backend
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, l1=l1))
         if len(self.param_groups) != 1:
@@ -442,5 +417,4 @@ def zero_fraction(params) -> float:
 
 
 __all__ = ["prox_adamw_step", "prox_adamw_step_torch", "prox_adamw_step_triton", "soft_threshold_",
-           "ProxAdamW", "route", "flatten_params_", "is_view_of", "l1_norm_of", "zero_fraction", "triton_interpreted",
-           "LAUNCHES"]
+           "ProxAdamW", "route", "flatten_params_", "is_view_of", "l1_norm_of", "zero_fraction", "LAUNCHES"]

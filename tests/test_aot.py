@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("triton")
 from benchmarks import aot  # noqa: E402
 
-OWN_MODULES = ("l1_lowrank", "nf4", "prox_adamw")  # paft_kernels/lora_linear.py's specs come with its own work
+OWN_MODULES = ("l1_lowrank", "nf4", "prox_adamw")  # paft_kernels/lora_triton.py's specs come with its own work
 
 
 @pytest.fixture(scope="module")

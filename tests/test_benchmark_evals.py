@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-import paft_evals.exact_match as em
+import engine.generate as em
 from engine.data import catalog
 from engine.models import load_model_and_tokenizer
 from engine.recipe import ModelConfig

@@ -1,8 +1,8 @@
-"""benchmarks/train_step.py, benchmarks/report.py and the GPU scripts.
+"""benchmarks/train_step*.py, benchmarks/report.py and the GPU scripts.
 
 Fast: every GPU configuration builds its model config and plan on the meta device (--dry-run),
 the FLOP count matches a hand count, the targets are judged right, the report renders a table,
-a chart and a README block from a results file, the GPU scripts parse and name real configurations,
+a chart and the docs/BENCHMARKS.md block from a results file, the GPU scripts parse and name real configurations,
 and run_gpu.sh --dry-run runs its kernel section on the CPU (all sections: a slow test).
 Slow (real child processes on builtin:tiny-llama, ~30 s each): ours vs the transformers + peft
 loop (SFT) and ours vs TRL's DPOTrainer; both must start from the same loss, since they train
@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from benchmarks import report, train_step
+from benchmarks import report, train_step, train_step_setup
 from benchmarks.train_step import CONFIGS, main, resolve_config, step_flops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,11 +102,11 @@ def test_targets_are_judged_against_the_issue_thresholds():
 
 def test_random_rows_split_prompt_and_answer():
     cfg = _args("--config", "gpu-llama2-7b-lora-dpo-1024")
-    rows = train_step.random_rows(cfg, 32000, 3)
+    rows = train_step_setup.random_rows(cfg, 32000, 3)
     assert [len(r["prompt_ids"]) + len(r["chosen_ids"]) for r in rows] == [1024] * 3
     assert all(len(r["rejected_ids"]) == 512 for r in rows)
-    assert rows == train_step.random_rows(cfg, 32000, 3)  # fixed seed: the same ids for every system
-    sft = train_step.random_rows(_args("--config", "gpu-llama2-7b-lora-sft-1024"), 32000, 1)[0]
+    assert rows == train_step_setup.random_rows(cfg, 32000, 3)  # fixed seed: the same ids for every system
+    sft = train_step_setup.random_rows(_args("--config", "gpu-llama2-7b-lora-sft-1024"), 32000, 1)[0]
     assert sft["labels"][:512] == [-100] * 512 and sft["labels"][512:] == sft["input_ids"][512:]
 
 
@@ -165,7 +165,7 @@ def test_gpu_script_dry_run_end_to_end(tmp_path):
     doc = json.loads(next((tmp_path / "train_step").glob("cpu-*core.json")).read_text())
     assert {"cpu-tiny-lora-sft", "cpu-tiny-qlora-sft", "cpu-tiny-lora-dpo"} <= set(doc["runs"])
     assert report.main(["--results", str(tmp_path)]) == 0
-    assert "cpu-tiny-qlora-sft" in (tmp_path / "README_table.md").read_text()
+    assert "cpu-tiny-qlora-sft" in (tmp_path / "train_step.md").read_text()
 
 
 # --------------------------------------------------------------------------- report
@@ -183,7 +183,7 @@ def _ok(tps, mem, l0, l1):
     return {"status": "ok", "tokens_per_s": tps, "peak_mem_mib": mem, "loss_first": l0, "loss_last": l1, "mfu": 0.1}
 
 
-def test_report_renders_table_chart_and_readme_block(tmp_path, capsys):
+def test_report_renders_table_chart_and_benchmarks_doc_block(tmp_path, capsys):
     run = _fake_run("cpu-smollm2-lora-sft", "cpu",
                     {"ours": _ok(300.0, 900.0, 1.5, 1.2), "hf": _ok(200.0, 1200.0, 1.5, 1.2),
                      "liger": {"status": train_step.LIGER_CPU}},
@@ -191,15 +191,15 @@ def test_report_renders_table_chart_and_readme_block(tmp_path, capsys):
     (tmp_path / "cpu-2core.json").write_text(json.dumps({"benchmark": "train_step", "device": "cpu-2core",
                                                          "runs": {run["config"]: run}}))
     (tmp_path / "cpu_merge.json").write_text(json.dumps({"benchmark": "merge_cpu"}))  # another benchmark: skipped
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{report.BEGIN}\nold table\n{report.END}\noutro\n")
-    assert report.main(["--results", str(tmp_path), "--readme", str(readme)]) == 0
-    table = (tmp_path / "README_table.md").read_text()
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text(f"intro\n{report.BEGIN}\nold table\n{report.END}\noutro\n")
+    assert report.main(["--results", str(tmp_path), "--doc", str(doc)]) == 0
+    table = (tmp_path / "train_step.md").read_text()
     assert "| cpu-2core | cpu-smollm2-lora-sft" in table and "| hf | 200 | 1.50× | 1,200 | 0.75× |" in table
     assert "n/a: Liger" in table and "**pass**" in table
     assert "GPU: not measured yet" in table and "run_gpu.sh" in table  # no GPU file: the note and the command
     assert (tmp_path / "train_step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    text = readme.read_text()
+    text = doc.read_text()
     assert text.startswith(f"intro\n{report.BEGIN}\n| device") and text.endswith(f"{report.END}\noutro\n")
     assert "old table" not in text and table in text
 
@@ -209,20 +209,20 @@ def test_report_renders_table_chart_and_readme_block(tmp_path, capsys):
     (tmp_path / "nvidia-h200.json").write_text(json.dumps({"benchmark": "train_step", "device": "nvidia-h200",
                                                            "runs": {gpu["config"]: gpu}}))
     assert report.main(["--results", str(tmp_path)]) == 0
-    table = (tmp_path / "README_table.md").read_text()
+    table = (tmp_path / "train_step.md").read_text()
     assert "GPU: not measured yet" not in table and "8 of 32 decoder layers" in table
     assert table.index("cpu-2core") < table.index("nvidia-h200")  # CPU first
 
 
-def test_report_leaves_a_readme_without_markers_untouched(tmp_path, capsys):
+def test_report_leaves_a_doc_without_markers_untouched(tmp_path, capsys):
     run = _fake_run("cpu-smollm2-lora-dpo", "cpu", {"ours": _ok(3.0, 9.0, 0.69, 0.6)}, {})
     (tmp_path / "cpu-2core.json").write_text(json.dumps({"benchmark": "train_step", "device": "cpu-2core",
                                                          "runs": {run["config"]: run}}))
-    readme = tmp_path / "README.md"
-    readme.write_text("no markers here\n")
-    assert report.main(["--results", str(tmp_path), "--readme", str(readme)]) == 2
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("no markers here\n")
+    assert report.main(["--results", str(tmp_path), "--doc", str(doc)]) == 2
     assert "left it untouched" in capsys.readouterr().err
-    assert readme.read_text() == "no markers here\n"
+    assert doc.read_text() == "no markers here\n"
     assert report.main(["--results", str(tmp_path / "empty")]) == 2
 
 
@@ -251,7 +251,7 @@ def _run_smoke(tmp_path, monkeypatch, config: str, systems: str) -> dict:
     assert abs(run["systems"]["ours"]["loss_first"] - run["systems"][peer]["loss_first"]) < 1e-4
     assert q["same_initial_loss"] and q["speedup"] > 0 and q["memory"] > 0
     assert report.main(["--results", str(out)]) == 0
-    assert (out / "train_step.png").exists() and config in (out / "README_table.md").read_text()
+    assert (out / "train_step.png").exists() and config in (out / "train_step.md").read_text()
     return run
 
 

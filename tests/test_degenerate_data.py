@@ -13,7 +13,7 @@ from engine.data import encode_pair, encode_pairs
 from engine.lora import apply_lora
 from engine.models import load_model_and_tokenizer
 from engine.recipe import LoRAConfig, ModelConfig
-from engine.train import data_counts
+from engine.train_setup import data_counts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DPO = os.path.join(REPO, "recipes", "tiny_dpo.yaml")

@@ -7,7 +7,7 @@ from decimal import Decimal
 import pytest
 import torch
 
-import paft_evals.exact_match as em
+import engine.generate as em
 from engine.data.preference import REFUSALS
 from engine.lora import apply_lora, disable_adapters, lora_parameters, merge_lora, save_adapter
 from engine.models import load_model_and_tokenizer
@@ -44,7 +44,7 @@ def model_tok():
 
 
 def fake_generate(answer_for):
-    """A stand-in for paft_evals.exact_match.generate: answer_for(prompt text) -> answer; records the prompts."""
+    """A stand-in for engine.generate.generate: answer_for(prompt text) -> answer; records the prompts."""
     seen = []
 
     def generate(model, tokenizer, prompts, max_new_tokens, batch_size):

@@ -1,5 +1,5 @@
 """Issue 14, classes 5 and 8: no output is overwritten silently (export and merge agree), and an
-exported or merged model is the trained one, or says how far from it it is (merge/rounding.py)."""
+exported or merged model is the trained one, or says how far from it it is (engine/rounding.py)."""
 import os
 
 import pytest
@@ -11,8 +11,8 @@ from engine.export import main as export_main
 from engine.lora import apply_lora, save_adapter
 from engine.models import load_model_and_tokenizer
 from engine.recipe import LoRAConfig, ModelConfig
+from engine.rounding import RoundingLoss
 from merge.__main__ import main as merge_main
-from merge.rounding import RoundingLoss
 
 
 # ---------------------------------------------------------------------------- the measure

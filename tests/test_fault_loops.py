@@ -31,7 +31,7 @@ KILLER = textwrap.dedent("""
     # Run engine.train and SIGKILL this process at the n-th call of one function, in the middle of
     # what it does: a half-written safetensors file, a torn metrics line, a forward pass.
     import json, os, signal, sys
-    import engine.checkpoint, engine.lora, engine.log, engine.train as train
+    import engine.checkpoint, engine.lora, engine.log, engine.train as train, engine.train_setup as train_setup
     where, n = sys.argv[1], int(sys.argv[2])
     calls = {"n": 0}
     def due():
@@ -59,12 +59,12 @@ KILLER = textwrap.dedent("""
             real_write(self, row)
         engine.log.RunLog.write = write
     elif where == "forward":
-        real_objective = train.sft_objective
+        real_objective = train_setup.sft_objective
         def objective(*a, **k):
             if due():
                 die()
             return real_objective(*a, **k)
-        train.sft_objective = objective
+        train_setup.sft_objective = objective
     sys.exit(train.main(sys.argv[3:]))
 """)
 

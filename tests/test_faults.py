@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import engine.train as train
+import engine.train_setup as train_setup
 from engine.checkpoint import verify_checkpoint
 from engine.log import read_metrics
 from engine.recipe import Recipe, RecipeError, load_recipe
@@ -153,13 +154,13 @@ class _NaNGradient(torch.autograd.Function):
 
 
 def _nan_gradient_at(call: int, monkeypatch):
-    real, calls = train.sft_objective, {"n": 0}
+    real, calls = train_setup.sft_objective, {"n": 0}
 
     def objective(model, batch, totals):
         loss, stats = real(model, batch, totals)
         calls["n"] += 1
         return (_NaNGradient.apply(loss) if calls["n"] == call else loss), stats
-    monkeypatch.setattr(train, "sft_objective", objective)
+    monkeypatch.setattr(train_setup, "sft_objective", objective)
 
 
 @pytest.mark.parametrize("inject", ["nan_in_weights_after_step_3", "nan_in_gradient_of_step_3"])

@@ -1,4 +1,4 @@
-"""LoRA linear (paft_kernels/lora_linear.py, paft_kernels/lora_torch.py): every route against the reference.
+"""LoRA linear (paft_kernels/lora_linear.py, lora_triton.py, lora_torch.py): every route against the reference.
 
 No GPU here, so the Triton kernels run under the Triton interpreter (TRITON_INTERPRET=1, numpy
 on CPU tensors). The variable must be set before triton is first imported, and other test
@@ -33,10 +33,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from paft_kernels import lora_linear as LL
+from paft_kernels import lora_linear as LL, lora_triton as LT, utils
 from paft_kernels.lora_linear import LoRALinearFunction, describe_route, lora_linear
-from paft_kernels.lora_torch import (CublasLoRAFunction, dropout_noise, lora_linear_torch, philox_noise,
+from paft_kernels.lora_torch import (CublasLoRAFunction, draw_seed, dropout_noise, lora_linear_torch, philox_noise,
                                 philox_randint)
+from paft_kernels.utils import triton_interpreted
 
 REPO = Path(__file__).resolve().parents[1]
 FP32_REL = 1e-5
@@ -109,7 +110,7 @@ def philox_reference(x, W, b, A, B, s, p, training, seed=1234):
     if training and p > 0:
         torch.manual_seed(seed)
         K = x.shape[-1]
-        noise = philox_noise(LL.draw_seed(), x.numel() // K, K, p).reshape(x.shape)
+        noise = philox_noise(draw_seed(), x.numel() // K, K, p).reshape(x.shape)
     return lora_linear_torch(x, W, b, A.to(x.dtype), B.to(x.dtype), s, p, training, noise=noise)
 
 
@@ -276,27 +277,27 @@ def test_auto_on_cpu_is_the_reference_and_no_mask_without_dropout():
 
 def test_auto_on_cuda_reads_the_committed_route_table(tmp_path, monkeypatch):
     """No GPU here: the device name is stubbed, the table logic is real."""
-    monkeypatch.setattr(LL, "_device_name", lambda device: "NVIDIA H200")
+    monkeypatch.setattr(utils, "_device_name", lambda device: "NVIDIA H200")
     monkeypatch.setattr(LL, "triton_interpreted", lambda: False)
-    monkeypatch.setattr(LL, "ROUTES_DIR", str(tmp_path))
-    LL.route_table.cache_clear()
+    monkeypatch.setattr(utils, "ROUTES_DIR", str(tmp_path))
+    utils.route_table.cache_clear()
     try:
         route, why = describe_route("auto", "cuda", 4096, 4096, 16, torch.bfloat16)
         assert route == "cublas" and "no measured route table for NVIDIA H200" in why
         (tmp_path / "lora_linear_nvidia-h200.json").write_text(json.dumps({"routes": [
             {"K": 4096, "N": 4096, "r": 16, "dtype": "bfloat16", "route": "triton"}]}))
-        LL.route_table.cache_clear()
+        utils.route_table.cache_clear()
         assert describe_route("auto", "cuda", 4096, 4096, 16, torch.bfloat16)[0] == "triton"
         assert describe_route("auto", "cuda", 4096, 11008, 16, torch.bfloat16) == (
             "cublas", "shape not in lora_linear_nvidia-h200.json")
         assert describe_route("auto", "cuda", 4096, 4096, 16, torch.bfloat16, frozen=False)[0] == "torch"
     finally:
-        LL.route_table.cache_clear()
+        utils.route_table.cache_clear()
 
 
 def test_no_route_table_is_committed_without_a_gpu_measurement():
     # auto may only follow numbers a GPU produced: any committed table must name its results file
-    for path in Path(LL.ROUTES_DIR).glob("*.json") if os.path.isdir(LL.ROUTES_DIR) else []:
+    for path in Path(utils.ROUTES_DIR).glob("*.json") if os.path.isdir(utils.ROUTES_DIR) else []:
         doc = json.loads(path.read_text())
         assert doc.get("measured_from") and doc.get("device"), path
 
@@ -307,7 +308,7 @@ def test_dispatch_errors():
         lora_linear(x, W, b, A, B, 1.0, backend="cuda")
     with pytest.raises(ValueError, match="dropout_p"):
         lora_linear(x, W, b, A, B, 1.0, dropout_p=1.5)
-    if not LL.triton_interpreted():
+    if not triton_interpreted():
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
             lora_linear(x, W, b, A, B, 1.0, backend="triton")
     with pytest.raises(ValueError, match="frozen"):
@@ -322,18 +323,18 @@ def test_dispatch_errors():
 
 def test_compile_specs_cover_every_config_the_dispatcher_can_launch():
     pytest.importorskip("triton")
-    specs = LL.compile_specs()
+    specs = LT.compile_specs()
     names = [s.name for s in specs]
     assert len(names) == len(set(names))
-    for kind, sets in (("gemm", LL.GEMM_CONFIGS), ("gemm+dropout", LL.GEMM_DROPOUT_CONFIGS),
-                       ("skinny", LL.SKINNY_CONFIGS), ("dA", LL.DA_CONFIGS)):
+    for kind, sets in (("gemm", LT.GEMM_CONFIGS), ("gemm+dropout", LT.GEMM_DROPOUT_CONFIGS),
+                       ("skinny", LT.SKINNY_CONFIGS), ("dA", LT.DA_CONFIGS)):
         for elem, configs in sets.items():
-            for r in LL.SPEC_RANKS:
-                got = {s.tags["config"] for s in specs if s.tags["r"] == r and s.tags["dtype"] == LL._TNAME[elem]
+            for r in LT.SPEC_RANKS:
+                got = {s.tags["config"] for s in specs if s.tags["r"] == r and s.tags["dtype"] == LT._TNAME[elem]
                        and s.tags["kernel"] == kind.split("+")[0]
                        and (s.tags["role"] == "dx+dropout") == (kind == "gemm+dropout")}
                 assert got == set(range(len(configs))), (kind, elem, r, got)
-    assert {LL._block_r(r) for r in range(1, LL.MAX_RANK + 1)} == {LL._block_r(r) for r in LL.SPEC_RANKS}
+    assert {LT._block_r(r) for r in range(1, LT.MAX_RANK + 1)} == {LT._block_r(r) for r in LT.SPEC_RANKS}
     for s in specs:  # every runtime and constexpr argument is named, once
         assert set(s.signature) | set(s.constexprs) == set(s.fn.arg_names), s.name
         assert not set(s.signature) & set(s.constexprs), s.name
@@ -361,7 +362,7 @@ def _compile(spec):
 @pytest.mark.slow
 def test_gpu_kernels_compile_for_hopper_without_spills():
     pytest.importorskip("triton")
-    if LL.triton_interpreted():
+    if triton_interpreted():
         pytest.skip("TRITON_INTERPRET=1 in this process: the kernels are interpreted, not compiled")
     import re
     import tempfile
@@ -371,7 +372,7 @@ def test_gpu_kernels_compile_for_hopper_without_spills():
         pytest.skip("no ptxas-blackwell in this triton")
     wanted = ("lora_gemm[fwd,128x128x64,w8s3,r=64,bf16]", "lora_gemm[dx+dropout,128x64x64,w8s3,r=64,bf16]",
               "lora_xa[xa+dropout,64x128,w4s3,r=64,bf16]", "lora_dA[dropout,64x128,w8s3,r=64,bf16]")
-    for spec in [s for s in LL.compile_specs() if s.name in wanted]:
+    for spec in [s for s in LT.compile_specs() if s.name in wanted]:
         k = _compile(spec)
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / "k.ptx").write_text(k.asm["ptx"])
@@ -392,13 +393,13 @@ def _nan_empty(shape, dtype, device):
 
 
 def _launched(fn):
-    before = dict(LL.LAUNCHES)
+    before = dict(LT.LAUNCHES)
     out = fn()
-    return out, {k: v - before.get(k, 0) for k, v in LL.LAUNCHES.items() if v - before.get(k, 0)}
+    return out, {k: v - before.get(k, 0) for k, v in LT.LAUNCHES.items() if v - before.get(k, 0)}
 
 
 def check_kernels_are_interpreted():
-    assert LL.triton_interpreted(), "TRITON_INTERPRET=1 was set but the kernels are not InterpretedFunction"
+    assert triton_interpreted(), "TRITON_INTERPRET=1 was set but the kernels are not InterpretedFunction"
     return {}
 
 
@@ -442,8 +443,8 @@ def _check_forward_poisoned(dtype, bias, p, config=None, shape=(37, 45, 29, 5)):
     gemm = config or dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, PERSISTENT=False)  # masks on every edge
 
     def run():
-        xa = LL.xa_triton(x, A, seed, p, out=xa_out, config=dict(BLOCK_M=16, BLOCK_K=16))
-        return LL.matmul_lora_triton(x, W.t(), xa, B.t(), s, bias=b, out=y_out, config=gemm)
+        xa = LT.xa_triton(x, A, seed, p, out=xa_out, config=dict(BLOCK_M=16, BLOCK_K=16))
+        return LT.matmul_lora_triton(x, W.t(), xa, B.t(), s, bias=b, out=y_out, config=gemm)
 
     y, launches = _launched(run)
     assert launches == {"skinny": 1, "gemm": 1}, launches
@@ -483,12 +484,12 @@ def _check_backward_poisoned(dtype, p):
     xa = (xd @ Ad.t()).float()  # the forward's fp32 (M, r) buffer
     dx_out = torch.full((M, K), float("nan"), dtype=dtype)
     dyb_out = torch.full((M, r), float("nan"), dtype=torch.float32)
-    LL._empty, saved = _nan_empty, LL._empty
+    LT._empty, saved = _nan_empty, LT._empty
     try:
         (dx, dA, dB), launches = _launched(lambda: LL.lora_backward_triton(
             dy, x, W, A, B, s, seed, p, xa, dx_out=dx_out, dyb_out=dyb_out))
     finally:
-        LL._empty = saved
+        LT._empty = saved
     assert launches == ({"skinny": 1, "gemm": 1} if seed is None else {"skinny": 1, "gemm": 1, "dA": 1}), launches
     assert dx.data_ptr() == dx_out.data_ptr()
     lo = (dyb_out.double() * s).to(dtype).double()  # s·dyB in x's dtype: operand of dx's epilogue and of dA
@@ -533,12 +534,12 @@ def _check_autograd(dtype, lead, K, N, r, bias, p, factor_dtype=None, s=0.5, bou
     """lora_linear(backend='triton') end to end, every buffer NaN-poisoned, against the plain reference
     with the same Philox mask (which rounds more often than the kernels: bf16 bound in ulps, stated)."""
     x, W, b, A, B = make_inputs(lead, K, N, r, dtype, bias=bias, factor_dtype=factor_dtype, seed=3)
-    LL._empty, saved = _nan_empty, LL._empty
+    LT._empty, saved = _nan_empty, LT._empty
     try:
         tri = lambda *a: lora_linear(*a, backend="triton")
         (got, want), launches = _launched(lambda: run_both(tri, philox_reference, x, W, b, A, B, s, p, True))
     finally:
-        LL._empty = saved
+        LT._empty = saved
     expect = {"skinny": 2, "gemm": 2}  # forward: xa + GEMM; backward: dyB + dx GEMM (+ dA with dropout)
     if p > 0:
         expect["dA"] = 1
@@ -575,10 +576,10 @@ def check_every_shipped_config():
     """Each autotune config (the GPU's tiles, persistent variant included) on a shape with ragged edges."""
     out = {}
     shape = (150, 90, 140, 20)
-    for elem, sets in ((4, LL.GEMM_CONFIGS), (4, LL.GEMM_DROPOUT_CONFIGS)):
+    for elem, sets in ((4, LT.GEMM_CONFIGS), (4, LT.GEMM_DROPOUT_CONFIGS)):
         for i, cfg in enumerate(sets[elem]):
             tiles = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-            p = 0.3 if sets is LL.GEMM_DROPOUT_CONFIGS else 0.0
+            p = 0.3 if sets is LT.GEMM_DROPOUT_CONFIGS else 0.0
             out[f"gemm{'_dropout' if p else ''}{i}"] = _check_forward_poisoned(
                 torch.float32, bias=True, p=p, config=tiles, shape=shape)["rel_err_y"]
     M, K, r = 150, 90, 20
@@ -586,12 +587,12 @@ def check_every_shipped_config():
     noise = philox_noise(5, M, K, 0.3)
     xd = x.double() * noise.double()
     dyB = torch.randn(M, r)
-    for i, cfg in enumerate(LL.SKINNY_CONFIGS[4]):
+    for i, cfg in enumerate(LT.SKINNY_CONFIGS[4]):
         tiles = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-        out[f"skinny{i}"] = rel_err(LL.xa_triton(x, A, 5, 0.3, config=tiles), xd @ A.double().t())
-    for i, cfg in enumerate(LL.DA_CONFIGS[4]):
+        out[f"skinny{i}"] = rel_err(LT.xa_triton(x, A, 5, 0.3, config=tiles), xd @ A.double().t())
+    for i, cfg in enumerate(LT.DA_CONFIGS[4]):
         tiles = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-        out[f"dA{i}"] = rel_err(LL.dA_triton(dyB, x, 0.5, 5, 0.3, torch.float32, config=tiles),
+        out[f"dA{i}"] = rel_err(LT.dA_triton(dyB, x, 0.5, 5, 0.3, torch.float32, config=tiles),
                                 0.5 * dyB.double().t() @ xd)
     assert all(e < FP32_REL for e in out.values()), out
     return out
@@ -668,7 +669,7 @@ def check_triton_errors():
         assert "float32 and bfloat16" in str(e)
     else:
         raise AssertionError("float64 on the Triton path should raise")
-    x, W, b, A, B = make_inputs((4,), 8, 6, LL.MAX_RANK + 1, torch.float32)
+    x, W, b, A, B = make_inputs((4,), 8, 6, LT.MAX_RANK + 1, torch.float32)
     try:
         lora_linear(x, W, b, A, B, 1.0, backend="triton")
     except ValueError as e:

@@ -19,8 +19,8 @@ import textwrap
 import pytest
 import torch
 
-from paft_kernels import l1_lowrank as l1k
 from paft_kernels import prox_adamw as pak
+from paft_kernels import utils
 from paft_kernels.l1_lowrank import L1LowRank, l1_lowrank, l1_lowrank_dense, l1_lowrank_torch, sparsity_of_product
 from paft_kernels.prox_adamw import ProxAdamW, prox_adamw_step_torch
 
@@ -214,7 +214,7 @@ def test_backend_errors():
         l1_lowrank(A, B, -1.0, 1e-3)
     with pytest.raises(ValueError):
         l1_lowrank(A, B.T, 1.0, 1e-3)
-    if pak.triton is None or pak.triton_interpreted() or l1k.triton_interpreted():
+    if utils.triton is None or utils.triton_interpreted():
         pytest.skip("triton missing, or this process runs under TRITON_INTERPRET=1")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         l1_lowrank(A, B, 1.0, 1e-3, backend="triton")
@@ -231,13 +231,13 @@ _INTERP_SCRIPT = textwrap.dedent(r'''
     import json, sys
     import torch
     import triton
-    from paft_kernels import prox_adamw as pak, l1_lowrank as l1k
+    from paft_kernels import prox_adamw as pak, utils
     from paft_kernels.prox_adamw import ProxAdamW, prox_adamw_step_torch, prox_adamw_step_triton
     from paft_kernels.l1_lowrank import l1_lowrank, l1_lowrank_dense, l1_lowrank_triton
 
     seed = int(sys.argv[1])
     g = torch.Generator().manual_seed(seed)
-    out = {"interpreted": pak.triton_interpreted() and l1k.triton_interpreted(), "checks": {}}
+    out = {"interpreted": utils.triton_interpreted(), "checks": {}}
 
     def rel(a, b):
         a, b = a.double(), b.double()

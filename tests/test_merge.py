@@ -15,8 +15,10 @@ from engine.lora import apply_lora, load_adapter, merge_lora, save_adapter
 from engine.models import load_model_and_tokenizer
 from engine.recipe import LoRAConfig, ModelConfig
 from merge import __main__ as cli
+from merge import config as merge_config
 from merge import methods as M
 from merge import sparsity
+from merge import write
 
 CPU = torch.device("cpu")
 IDS = torch.tensor([[5, 72, 101, 108, 108, 111, 33, 260, 7, 99]])  # (1, T) byte-level ids of tiny-llama
@@ -167,13 +169,27 @@ def test_kth_largest_is_exact(case):
 
 def test_parameter_gradients_and_filters():
     """mergekit's parameter settings: scalar, gradient over t = layer/(L-1), filtered list."""
-    assert cli.resolve(0.3, "x", 0.7) == 0.3
-    assert cli.resolve([0.0, 1.0], "x", 0.25) == pytest.approx(0.25)
-    assert cli.resolve([0.0, 1.0, 0.0], "x", 0.75) == pytest.approx(0.5)
+    assert merge_config.resolve(0.3, "x", 0.7) == 0.3
+    assert merge_config.resolve([0.0, 1.0], "x", 0.25) == pytest.approx(0.25)
+    assert merge_config.resolve([0.0, 1.0, 0.0], "x", 0.75) == pytest.approx(0.5)
     setting = [{"filter": "self_attn", "value": [0.0, 1.0]}, {"filter": "mlp", "value": 0.2}, {"value": 0.9}]
-    assert cli.resolve(setting, "model.layers.1.self_attn.q_proj.weight", 1.0) == 1.0
-    assert cli.resolve(setting, "model.layers.1.mlp.up_proj.weight", 1.0) == 0.2
-    assert cli.resolve(setting, "model.norm.weight", 0.0) == 0.9
+    assert merge_config.resolve(setting, "model.layers.1.self_attn.q_proj.weight", 1.0) == 1.0
+    assert merge_config.resolve(setting, "model.layers.1.mlp.up_proj.weight", 1.0) == 0.2
+    assert merge_config.resolve(setting, "model.norm.weight", 0.0) == 0.9
+
+
+def test_every_registry_entry_fits_its_function_and_is_in_help():
+    """merge/registry.py is the one list of methods: each entry passes its function only keywords
+    the function takes, names its paper, and --help lists it with its parameters."""
+    import inspect
+
+    from merge.registry import METHODS
+    for m in METHODS.values():
+        takes = inspect.signature(m.fn).parameters
+        passed = [p.arg for p in m.params.values() if p.arg] + (["generator"] if m.random else [])
+        assert set(passed) <= set(takes), m.name
+        assert m.inputs in ("weights", "pair", "deltas") and m.url.startswith("https://"), m.name
+        assert f"    {m.name}  " in cli.__doc__ and m.url in cli.__doc__, m.name
 
 
 @pytest.mark.parametrize("fn", ["dare_linear", "dare_ties"])
@@ -309,7 +325,7 @@ def test_output_loads_with_expected_logits(world, tmp_path):
 
 
 def test_bf16_sharded_output_loads(world, tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "SHARD_BYTES", 60_000)  # force several shards and an index
+    monkeypatch.setattr(write, "SHARD_BYTES", 60_000)  # force several shards and an index
     cfg = two_model_cfg("ties", world["base"], world["a"])
     cfg["dtype"] = "bfloat16"
     rc, out = run_cli(tmp_path, cfg)
@@ -321,7 +337,7 @@ def test_bf16_sharded_output_loads(world, tmp_path, monkeypatch):
     # Independent reference: the same merge written in float32 (one shard), rounded once to bf16 here.
     # The bf16 output must be exactly that: fp32 math, one rounding at the end, no shard lost or mixed up.
     cfg32 = {**cfg, "dtype": "float32"}
-    monkeypatch.setattr(cli, "SHARD_BYTES", 10**12)
+    monkeypatch.setattr(write, "SHARD_BYTES", 10**12)
     rc32, out32 = run_cli(tmp_path, cfg32, "out32")
     assert rc32 == 0
     ref = {k: v.bfloat16().float() for k, v in tensors_of(out32).items()}
@@ -489,7 +505,7 @@ def test_failure_midway_leaves_nothing(world, tmp_path, monkeypatch):
         if len(calls) == 3:
             raise RuntimeError("disk on fire")
         return torch.zeros(plan.reference.shape(name))
-    monkeypatch.setattr(cli, "merge_tensor", boom)
+    monkeypatch.setattr(write, "merge_tensor", boom)
     with pytest.raises(RuntimeError):
         run_cli(tmp_path, two_model_cfg("ties", world["base"], world["a"]))
     assert not [p for p in os.listdir(tmp_path) if not p.endswith(".yaml")]

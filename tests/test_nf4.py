@@ -36,10 +36,9 @@ from paft_kernels.nf4 import (
     NF4Tensor,
     dequantize_nf4,
     dequantize_nf4_torch,
-    from_bnb,
-    quantize_nf4,
-    to_bnb,
 )
+from paft_kernels.nf4_quant import from_bnb, quantize_nf4, to_bnb
+from paft_kernels.utils import HAS_TRITON
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -251,7 +250,7 @@ def test_to_device_and_dispatch_on_cpu(monkeypatch):
         assert ref.dtype == torch.float32 and dequantize_nf4(q, torch.bfloat16).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="backend"):
         dequantize_nf4(q, backend="cuda")
-    if nf4.HAS_TRITON:
+    if HAS_TRITON:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
             dequantize_nf4(q, backend="triton")
@@ -278,13 +277,13 @@ def test_module_imports_without_bitsandbytes():
         import sys
         sys.modules["bitsandbytes"] = None  # any `import bitsandbytes` now fails
         import torch
-        from paft_kernels import nf4
+        from paft_kernels import nf4, nf4_quant
         x = torch.randn(100)
-        q = nf4.quantize_nf4(x, double_quant=True)
+        q = nf4_quant.quantize_nf4(x, double_quant=True)
         y = nf4.dequantize_nf4(q)
         assert y.shape == (100,) and (y - x).abs().max() < 0.2 * x.abs().max(), "NF4 round trip is off"
         try:
-            nf4.to_bnb(q)
+            nf4_quant.to_bnb(q)
         except ImportError as e:
             print("to_bnb: ImportError", "bitsandbytes" in str(e))
         else:
@@ -301,7 +300,7 @@ def test_triton_matches_torch_reference_interpreted():
     pytest.importorskip("triton")
     res = _run_python("""
         import torch
-        from paft_kernels import nf4
+        from paft_kernels import nf4, nf4_quant
         from triton.runtime.interpreter import InterpretedFunction
         assert isinstance(nf4._nf4_dequant_kernel, InterpretedFunction)
         import random
@@ -314,7 +313,7 @@ def test_triton_matches_torch_reference_interpreted():
                                ((3, 5557), 64, 8), ((5, 300), 128, 2), ((64, 64), 64, None)]:
             for dq in (False, True):
                 w = torch.randn(shape) * 0.05
-                q = nf4.quantize_nf4(w, blocksize=bs, double_quant=dq)
+                q = nf4_quant.quantize_nf4(w, blocksize=bs, double_quant=dq)
                 for dtype in (torch.float32, torch.bfloat16, torch.float16):
                     out = torch.full(shape, float("nan"), dtype=dtype)  # poisoned: unwritten -> NaN
                     before = nf4.LAUNCHES["triton"]
@@ -328,7 +327,7 @@ def test_triton_matches_torch_reference_interpreted():
                     assert nf4.LAUNCHES["triton"] - before == expect, (shape, bs, nf4.LAUNCHES["triton"] - before)
                     cases += 1
         # dispatch: backend="triton" on CPU runs the interpreter; "auto" stays on torch for CPU
-        q = nf4.quantize_nf4(torch.randn(3, 100), double_quant=True)
+        q = nf4_quant.quantize_nf4(torch.randn(3, 100), double_quant=True)
         assert torch.equal(nf4.dequantize_nf4(q, torch.bfloat16, backend="triton"),
                            nf4.dequantize_nf4(q, torch.bfloat16, backend="auto"))
         print("cases", cases)

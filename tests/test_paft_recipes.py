@@ -26,6 +26,7 @@ from engine.train import main as train_main
 from engine.train import run
 from paft_evals.tasks import NEEDS_DATA, TASKS
 from merge import __main__ as merge_cli
+from merge import config as merge_config
 from merge import methods as M
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -254,7 +255,7 @@ def test_every_pipeline_merge_is_a_config_the_merge_cli_accepts(name, tmp_path, 
         for variant, params in merge_variants(spec):
             path = tmp_path / f"{variant}.yaml"
             path.write_text(yaml.safe_dump(mergekit_config(params, cfg.model, adapters), sort_keys=False))
-            mc = merge_cli.load_config(str(path))  # raises MergeError on a config the CLI refuses
+            mc = merge_config.load_config(str(path))  # raises MergeError on a config the CLI refuses
             assert mc.method == spec["method"] and mc.base == cfg.model
             assert [m.name for m in mc.models] == [adapters[s] for s in spec["models"]]
 
@@ -294,12 +295,12 @@ def thakkar_output_dir(name):
 
 
 def test_merge_configs_load_and_name_the_thakkar_runs():
-    dare = merge_cli.load_config(os.path.join(MERGES, "thakkar_dare.yaml"))
+    dare = merge_config.load_config(os.path.join(MERGES, "thakkar_dare.yaml"))
     assert (dare.method, dare.base, dare.dtype) == ("dare_ties", "mistralai/Mistral-7B-v0.1", torch.bfloat16)
     assert [m.name for m in dare.models] == [f"{thakkar_output_dir(n)}/adapter" for n in ("sft_hh_helpful",
                                                                                            "dpo_hh_helpful")]
     assert [m.params for m in dare.models] == [{"weight": 0.5, "density": 0.5}] * 2
-    slerp = merge_cli.load_config(os.path.join(MERGES, "thakkar_slerp.yaml"))
+    slerp = merge_config.load_config(os.path.join(MERGES, "thakkar_slerp.yaml"))
     assert (slerp.method, slerp.params, slerp.dtype) == ("slerp", {"t": 0.5}, torch.bfloat16)
     assert slerp.base == "mistralai/Mistral-7B-v0.1"
     assert [m.name for m in slerp.models] == [f"{thakkar_output_dir(n)}/adapter"  # t = 0: SFT, t = 1: DPO

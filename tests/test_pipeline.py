@@ -96,7 +96,7 @@ def test_slerp_merge_config_has_no_weights():
 def test_sequential_stage_trains_on_the_bases_generated_pairs(tmp_path):
     """An `after` stage with generated builtin:harmbench answers gets data.rejected_from=<base>, so it
     trains on the parallel DPO arm's pairs; a first stage, or templated answers, get nothing added."""
-    from engine.pipeline_spec import stage_overrides
+    from engine.pipeline.config import stage_overrides
     dpo = os.path.join(REPO, "recipes", "quickstart", "dpo.yaml")
     path = tmp_path / "p.yaml"
     path.write_text("pipeline:\n  output_dir: " + str(tmp_path / "out") + "\n  model: builtin:tiny-llama\n"

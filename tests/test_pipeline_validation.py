@@ -1,5 +1,5 @@
 """Issue 14, class 4: a pipeline recipe is checked whole before any training, and a finished step
-is skipped only while the spec it was made from is unchanged (engine/pipeline_spec.py)."""
+is skipped only while the spec it was made from is unchanged (engine/pipeline/records.py)."""
 import json
 import os
 import subprocess
@@ -9,8 +9,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from engine.pipeline import load_pipeline, mergekit_config, run_pipeline
-from engine.pipeline_spec import Record, changes
+from engine.pipeline import load_pipeline, mergekit_config, run as run_pipeline
+from engine.pipeline.records import Record, changes
 from engine.recipe import RecipeError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

