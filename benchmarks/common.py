@@ -7,7 +7,7 @@ import platform
 import re
 import resource
 
-from engine.safeio import atomic_write
+from engine.writes import atomic_write
 
 
 def cpu_device(threads: int) -> str:

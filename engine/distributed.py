@@ -74,6 +74,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from engine.interrupts import die_with_parent
+
 MODES = ("none", "ddp", "fsdp2")
 TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -438,8 +440,9 @@ def run_stages_in_parallel(stage_commands: list[list[str]], devices: list[str],
                 i, device = pending.pop(0), slots.pop(0)
                 out = open(log_paths[i], "w") if log_paths else None
                 env = {**os.environ, "CUDA_VISIBLE_DEVICES": device}
-                running[i] = (subprocess.Popen(stage_commands[i], env=env, stdout=out,
-                                               stderr=subprocess.STDOUT if out else None), device, out)
+                running[i] = (subprocess.Popen(stage_commands[i], env=env, stdout=out,  # dies with this process
+                                               stderr=subprocess.STDOUT if out else None,
+                                               preexec_fn=die_with_parent), device, out)
             for i, (proc, device, out) in list(running.items()):
                 if proc.poll() is not None:
                     codes[i] = proc.returncode

@@ -17,7 +17,13 @@ it is a 16-bit one AND it keeps the update to within 1 % of ||δ||. Whatever the
 share of ||δ|| the rounding loses is measured and printed; an explicit 16-bit --out-dtype
 that loses more than 1 % is refused (exit 2) unless --allow-lossy.
 
-An existing --out is refused unless --overwrite (as `python -m merge` does).
+An existing --out is refused unless --overwrite, and --overwrite replaces only a folder that holds
+nothing but a model folder's files (as `python -m merge` does: engine/model_out.py). An --out inside
+the adapter or the base model is refused; a symlinked --out stays a link (its target is replaced).
+One export at a time holds --out (a second one exits 2 naming the first), and the `.<out>.export-*`
+folder a killed export left is removed at the next start. A merged weight that is not finite is
+refused, naming it. Ctrl-C / SIGTERM: one line, exit 130 / 143; a full disk or a read-only
+filesystem: one line naming the file, exit 2.
 
 Which W? A QLoRA adapter (lora.quantize_base: nf4) was trained against the NF4 base
 W_nf4 = dequant(quant(W)), not against W, and the two merges give different models:
@@ -49,21 +55,25 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 
 import torch
 import torch.nn as nn
 
 from paft_kernels.nf4 import dequantize_nf4
 from paft_kernels.nf4_quant import quantize_nf4
+from engine.adapter_config import read_adapter_config
+from engine.commands import run_command
 from engine.lora import CONFIG_FILE, _lora_modules, load_adapter, merge_lora
+from engine.model_out import claim_model_out, is_model_file
 from engine.models import load_model_and_tokenizer
 from engine.qlora import BLOCKSIZE
 from engine.recipe import ModelConfig
 from engine.rounding import LOSSY_BOUND, RoundingLoss
-from engine.safeio import read_json
+from engine.writes import atomic_dir, temporary_dir_prefix, write_error
+
+COMMAND = "python -m engine.export"
+TEMPORARIES = ("export", "old")  # what an export builds beside --out: .<out>.<kind>-XXXXXXXX
 
 
 @torch.no_grad()
@@ -152,45 +162,54 @@ def export(adapter_dir: str, out_dir: str, base: str, model_name: str | None = N
            allow_lossy: bool = False) -> RoundingLoss:
     """Merge (see merged_model), round once to out_dtype ('auto': see choose_dtype; float32 keeps
     the merge exact, as the PAFT pipeline's sequential baseline needs) and save model + config +
-    tokenizer into out_dir: written under a temporary name and renamed (file by file into an
-    existing out_dir, config.json last), so a reader never finds config.json beside half the
-    weights. Returns the rounding loss of the saved dtype. Refuses an existing out_dir unless
-    `overwrite`, and a lossy 16-bit dtype unless `allow_lossy`, before anything is written."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"--out: {out_dir} is a file, not a directory")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise ValueError(f"--out: {out_dir} already exists; remove it, choose another directory, or pass --overwrite")
-    model, tokenizer, chosen, loss = merged_model(adapter_dir, base, model_name, dtype, double_quant, out_dtype)
-    if loss.lost > LOSSY_BOUND:
-        what = f"--out-dtype {str(chosen).removeprefix('torch.')}: {loss.summary()}; the export would not be the trained model"
-        if not allow_lossy:
-            raise LossyExport(f"{what} (use --out-dtype float32 or auto, or pass --allow-lossy)")
-        print(f"warning: {what} (--allow-lossy)", file=sys.stderr)
-    model.to(chosen)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    try:
-        model.save_pretrained(tmp)  # safetensors: model.safetensors + config.json + generation_config.json
-        tokenizer.save_pretrained(tmp)
-        if not os.path.isdir(out_dir):
-            os.replace(tmp, out_dir)
-        else:
-            for f in sorted(os.listdir(tmp), key=lambda f: f == "config.json"):
-                os.replace(os.path.join(tmp, f), os.path.join(out_dir, f))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer as out_dir: built in `.<out>.export-XXXXXXXX` beside it and renamed into place whole
+    (engine.writes.atomic_dir), so a reader never finds config.json beside half the weights, nor
+    an old shard beside new ones. Returns the rounding loss of the saved dtype. out_dir is held
+    for the whole export and checked before any work (engine.model_out.claim_model_out): an
+    existing one is refused unless `overwrite` (and unless it is a model folder), an out_dir
+    inside the adapter or the base refused. A lossy 16-bit dtype is refused unless `allow_lossy`,
+    and a weight that is not finite always, before anything is written."""
+    inputs = [adapter_dir, model_name or _adapter_base_model(adapter_dir)]
+    with claim_model_out(out_dir, COMMAND, overwrite, inputs, TEMPORARIES) as dest:
+        model, tokenizer, chosen, loss = merged_model(adapter_dir, base, model_name, dtype, double_quant, out_dtype)
+        if loss.lost > LOSSY_BOUND:
+            what = f"--out-dtype {str(chosen).removeprefix('torch.')}: {loss.summary()}; the export would not be the trained model"
+            if not allow_lossy:
+                raise LossyExport(f"{what} (use --out-dtype float32 or auto, or pass --allow-lossy)")
+            print(f"warning: {what} (--allow-lossy)", file=sys.stderr)
+        model.to(chosen)
+        check_finite(model)
+        with atomic_dir(dest, replace=overwrite, prefix=temporary_dir_prefix(dest, "export"), own=is_model_file) as tmp:
+            save_model(model, tokenizer, tmp)
     return loss
 
 
+def check_finite(model: nn.Module) -> None:
+    """ValueError naming the first weight that is not finite (a NaN adapter or base, or a value
+    past a 16-bit dtype's range): saved, it would be reported as a model that "loses 0%"."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"tensor {name}: not finite (nan or inf) in the merged model "
+                             f"({str(t.dtype).removeprefix('torch.')}); nothing was written")
+
+
+def save_model(model: nn.Module, tokenizer, folder: str) -> None:
+    """save_pretrained of model (safetensors, config.json, generation_config.json) and tokenizer,
+    with a failed write (safetensors' own error on a full disk) as an OSError naming the folder."""
+    try:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    except Exception as e:  # noqa: BLE001 - write_error passes anything that is not about the disk on
+        err = write_error(e, folder)
+        if err is e:
+            raise
+        raise err from None
+
+
 def _adapter_base_model(adapter_dir: str) -> str:
-    path = os.path.join(adapter_dir, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: adapter config not found")
-    raw = read_json(path)  # engine.safeio: damaged -> one error naming the file
-    name = raw.get("base_model_name_or_path") if isinstance(raw, dict) else None
+    name = read_adapter_config(adapter_dir)["base_model_name_or_path"]  # checked: a string or None
     if not name:
-        raise ValueError(f"{path}: no base_model_name_or_path; pass --model")
+        raise ValueError(f"{os.path.join(adapter_dir, CONFIG_FILE)}: no base_model_name_or_path; pass --model")
     return name
 
 
@@ -209,16 +228,16 @@ def main(argv: list[str] | None = None) -> int:
                              "16-bit dtype when it keeps the update within 1%%)")
     parser.add_argument("--allow-lossy", action="store_true",
                         help="save a 16-bit --out-dtype even when it loses more than 1%% of the update")
-    parser.add_argument("--overwrite", action="store_true", help="replace the files of an existing --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out that holds only a model folder's files")
     parser.add_argument("--double-quant", default=True, action=argparse.BooleanOptionalAction,
                         help="--base nf4: the run's lora.double_quant (default: true)")
     args = parser.parse_args(argv)
-    try:
-        loss = export(args.adapter_dir, args.out, args.base, args.model, args.dtype, args.double_quant,
-                      args.out_dtype, args.overwrite, args.allow_lossy)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    status, loss = run_command(lambda: export(args.adapter_dir, args.out, args.base, args.model, args.dtype,
+                                              args.double_quant, args.out_dtype, args.overwrite, args.allow_lossy),
+                               f"the export stopped; {args.out} is as it was")
+    if status:
+        return status
     print(f"export: {args.adapter_dir} merged into the {args.base} base, saved to {args.out}: {loss.summary()}")
     return 0
 

@@ -17,7 +17,9 @@ import sys
 
 from tqdm import tqdm
 
-from engine.safeio import CorruptFile, atomic_write
+from engine.safeio import CorruptFile
+
+from engine.writes import atomic_write, write_error
 
 
 class RunLog:
@@ -44,8 +46,16 @@ class RunLog:
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        except OSError as e:  # a full disk: say which file (a torn last row is dropped on resume)
+            try:
+                self.file.close()  # flushes once more, fails, closes: no second error at exit
+            except OSError:
+                pass
+            self.enabled = False
+            raise write_error(e, self.path) from None
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 

@@ -32,10 +32,10 @@ from safetensors.torch import save_file
 
 from paft_kernels.lora_linear import lora_linear
 from engine.recipe import LoRAConfig
-from engine.safeio import atomic_file, load_safetensors, read_json, write_text
+from engine.adapter_config import CONFIG_FILE, WEIGHTS_FILE, check_finite, read_adapter_config
+from engine.safeio import load_safetensors
+from engine.writes import atomic_file, write_text
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."  # peft wraps the model twice: PeftModel.base_model (LoraModel).model
 
 
@@ -255,35 +255,23 @@ def save_adapter(model: nn.Module, out_dir: str, cfg: LoRAConfig, base_model_nam
     write_text(os.path.join(out_dir, CONFIG_FILE), json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-# peft options that change the layer or the forward; we only load plain LoRA. Each is harmless
-# when missing, null, false, empty or "none".
-_UNSUPPORTED = ("bias", "modules_to_save", "use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern",
-                "lora_bias", "exclude_modules", "layers_to_transform", "layer_replication", "target_parameters",
-                "trainable_token_indices", "use_qalora", "alora_invocation_tokens", "arrow_config",
-                "velora_config", "monteclora_config", "kasa_config", "use_bdlora")
+# peft options that only say which layers carry the adapter: merge reads the tensors as they are,
+# but wrapping by target_modules would put factors on layers these options leave out.
+_WRAPPING_ONLY = ("exclude_modules", "layers_to_transform")
 
 
 def load_adapter(model: nn.Module, adapter_dir: str) -> LoRAConfig:
-    """Wrap `model` as the adapter in adapter_dir says and load its factors; return its LoRAConfig."""
+    """Wrap `model` as the adapter in adapter_dir says and load its factors; return its LoRAConfig.
+
+    The config is read by engine.adapter_config.read_adapter_config, the checks merge uses too
+    (r a positive int, lora_alpha finite, use_rslora a real boolean, ...)."""
     path = os.path.join(adapter_dir, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: adapter config not found")
-    raw = read_json(path)  # engine.safeio: damaged -> one error naming the file
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    if raw.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type is {raw.get('peft_type')!r}, only 'LORA' is supported")
-    for key in _UNSUPPORTED:
+    raw = read_adapter_config(adapter_dir)
+    for key in _WRAPPING_ONLY:
         if raw.get(key) not in (None, False, "none", {}, []):
             raise ValueError(f"{path}: {key}={raw[key]!r} is not supported (plain LoRA only)")
-    init = raw.get("init_lora_weights", True)
-    if init not in (True, False, "gaussian"):
-        raise ValueError(f"{path}: init_lora_weights={init!r} is not supported (it changes the base weights "
-                         "or the forward)")
-    if not raw.get("target_modules"):
-        raise ValueError(f"{path}: target_modules is missing or empty")
-    cfg = LoRAConfig(r=int(raw.get("r", 8)), alpha=float(raw.get("lora_alpha", 8)),  # peft's defaults
-                     dropout=float(raw.get("lora_dropout", 0.0)), rslora=bool(raw.get("use_rslora", False)),
+    init = raw["init_lora_weights"]
+    cfg = LoRAConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw["lora_dropout"], rslora=raw["use_rslora"],
                      target_modules=raw["target_modules"], init="gaussian" if init == "gaussian" else "kaiming")
     try:
         apply_lora(model, cfg)
@@ -301,7 +289,8 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> LoRAConfig:
 
 @torch.no_grad()
 def copy_lora_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy factors saved under peft's keys into the model's LoRA layers; every key must match exactly."""
+    """Copy factors saved under peft's keys into the model's LoRA layers; every key must match exactly
+    (so each factor has the shape the config's r gives), and every value must be finite."""
     params = lora_state_dict(model)
     for key in tensors:
         if key not in params:
@@ -312,4 +301,6 @@ def copy_lora_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source
         if tensors[key].shape != p.shape:
             raise ValueError(f"{source}: {key} has shape {tuple(tensors[key].shape)}, "
                              f"the model expects {tuple(p.shape)}")
+        check_finite(tensors[key], key, source)
+    for key, p in params.items():  # only once all are checked: a refused adapter changes nothing
         p.copy_(tensors[key])  # p is a detached view of the parameter, so this writes into it

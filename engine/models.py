@@ -27,12 +27,18 @@ that looks complete (it leaves a `.<name>.tmp-*` directory, which is safe to del
 Weights are read from safetensors only (`use_safetensors=True`): a pickle can run code on
 load. Code shipped with a hub model runs only with `model.trust_remote_code: true`.
 
+A model folder must match its config.json exactly: transformers would initialise a missing tensor
+at random and carry on, so missing, unexpected and mis-shaped tensors are refused
+(`check_loading_info`), and so is a tokenizer with ids past the embedding (`check_vocab`), which
+would otherwise be an IndexError at whichever batch first holds such a token.
+
 Every failure to resolve the name is one line that starts with `model.name:`.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import sys
 import time
@@ -43,7 +49,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GgufConfig, Llama
                           PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast)
 
 from engine.recipe import ModelConfig
-from engine.safeio import atomic_dir, check_model_dir
+from engine.safeio import check_model_dir, read_json
+from engine.writes import atomic_dir, write_json
 
 BUILTIN_MODELS = ("builtin:tiny-llama",)
 SMOLLM2_NAME = "smollm2-135m-instruct"
@@ -83,6 +90,7 @@ def load_model_and_tokenizer(cfg: ModelConfig,
 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    check_vocab(model, tokenizer, f"model.name: {name}")
     model.to(device)
     if cfg.gradient_checkpointing:
         # Recompute each layer's activations in backward instead of storing them. With a frozen
@@ -179,10 +187,38 @@ def convert_gguf(gguf_path: str, dest: str) -> None:
         with atomic_dir(dest) as tmp:
             model.save_pretrained(tmp)  # safetensors; a tied lm_head is stored once
             tokenizer.save_pretrained(tmp)
+            _drop_phantom_tokens(tmp, model.get_input_embeddings().weight.shape[0])
     except OSError:
         # Another process finished the same conversion first: its copy is as good as ours.
         if not os.path.isdir(dest):
             raise
+
+
+def _drop_phantom_tokens(folder: str, rows: int) -> None:
+    """Remove from a converted tokenizer the tokens the GGUF file does not have.
+
+    transformers' GGUF tokenizer conversion adds GPT-2's default special token `<|endoftext|>` when
+    the file's vocabulary lacks it, at the next free id: one past the embedding, so text holding that
+    string would index past it (check_vocab refuses such a tokenizer). The GGUF's token list, one per
+    embedding row, is the vocabulary, so added tokens at ids >= `rows` are dropped from the saved
+    tokenizer files, unless the tokenizer config names one as its bos/eos/pad/unk token."""
+    path, config_path = os.path.join(folder, "tokenizer.json"), os.path.join(folder, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return
+    data = read_json(path)
+    config = read_json(config_path) if os.path.isfile(config_path) else {}
+    named = {v.get("content") if isinstance(v, dict) else v for k, v in config.items() if k.endswith("_token")}
+    drop = {t["id"] for t in data.get("added_tokens", []) if t["id"] >= rows and t["content"] not in named}
+    if not drop:
+        return
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] not in drop]
+    vocab = data.get("model", {}).get("vocab")
+    if isinstance(vocab, dict):
+        data["model"]["vocab"] = {token: i for token, i in vocab.items() if i not in drop}
+    write_json(path, data, ensure_ascii=False)
+    if isinstance(config.get("added_tokens_decoder"), dict):
+        config["added_tokens_decoder"] = {i: t for i, t in config["added_tokens_decoder"].items() if int(i) not in drop}
+        write_json(config_path, config, indent=2, ensure_ascii=False)
 
 
 # --------------------------------------------------------------------------- loaders
@@ -202,11 +238,13 @@ def _load_gguf(gguf_path: str, root: str, dtype: torch.dtype):
         print(f"model: converted in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     try:
         check_model_dir(cache)
+        model, info = _from_pretrained(cache, dtype=dtype)
+        check_loading_info(info, cache)
+        tokenizer = AutoTokenizer.from_pretrained(cache)
+        check_vocab(model, tokenizer, cache)  # e.g. a cache converted before _drop_phantom_tokens
     except ValueError as e:  # a damaged conversion (e.g. the disk filled up): derived data, so say how to redo it
         raise ValueError(f"model.name: the cached conversion of {gguf_path} is damaged ({e}); delete {cache} "
                          f"to convert again") from None
-    model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype, use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(cache)
     return model, tokenizer
 
 
@@ -221,16 +259,87 @@ def _load_hf(cfg: ModelConfig, dtype: torch.dtype):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=cfg.revision,
                                                   trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, revision=cfg.revision,
-                                                     trust_remote_code=cfg.trust_remote_code,
-                                                     use_safetensors=True)
-    except (OSError, ValueError) as err:
+        model, info = _from_pretrained(name, dtype=dtype, revision=cfg.revision,
+                                       trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: "Error(s) in loading state_dict"
         # transformers' messages run to several lines of advice; keep one that names the model.
         if not local and _hub_unreachable(err):
             raise ValueError(f"model.name: cannot load {name!r}: not a local directory and the hub "
                              f"is not reachable ({_hub_reason(err)})") from err
         raise ValueError(f"model.name: cannot load {name!r}: {_first_line(err)}") from err
+    check_loading_info(info, f"model.name: {name}")
     return model, tokenizer
+
+
+class _DropLoadReport(logging.Filter):
+    """Drops transformers' multi-line LOAD REPORT table: check_loading_info refuses what it lists in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+def _from_pretrained(path: str, **kwargs):
+    """(model, loading info) from AutoModelForCausalLM.from_pretrained, safetensors only.
+
+    Left to itself, transformers fills a tensor missing from the checkpoint with a random init and
+    ignores an unexpected one, logging a table and carrying on; and a tensor whose shape disagrees with
+    the config is a RuntimeError that points at that table. So it is asked to report instead
+    (output_loading_info) and to go on past a shape mismatch (ignore_mismatched_sizes), and
+    check_loading_info refuses all three in one line."""
+    report = logging.getLogger("transformers.modeling_utils")
+    drop = _DropLoadReport()
+    report.addFilter(drop)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, output_loading_info=True,
+                                                    ignore_mismatched_sizes=True, **kwargs)
+    finally:
+        report.removeFilter(drop)
+
+
+def _count(keys) -> str:
+    return f"{len(keys)} tensor" + ("" if len(keys) == 1 else "s")
+
+
+def _some(keys, n: int = 3) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def check_loading_info(info: dict, where: str) -> None:
+    """Refuse a model folder whose tensors do not match its config.json: a tensor the model needs is
+    missing (transformers would initialise it at random, and a run would train and score noise with
+    exit 0), one the model has no place for is in the folder (the wrong architecture or config), or a
+    shape disagrees with the config."""
+    problems = []
+    if info.get("missing_keys"):
+        problems.append(f"{_count(info['missing_keys'])} the config needs missing "
+                        f"({_some(info['missing_keys'])}): they would be random")
+    if info.get("unexpected_keys"):
+        problems.append(f"{_count(info['unexpected_keys'])} with no place in the model "
+                        f"({_some(info['unexpected_keys'])})")
+    if info.get("mismatched_keys"):
+        shapes = [f"{k[0]} {tuple(k[1])} in the weights, {tuple(k[2])} in the model"
+                  if isinstance(k, tuple) and len(k) == 3 else str(k) for k in info["mismatched_keys"]]
+        problems.append(f"{_count(shapes)} of another shape than the config gives ({_some(shapes, 2)})")
+    if problems:
+        raise ValueError(f"{where}: the weights do not match config.json: {'; '.join(problems)}")
+
+
+def check_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, where: str) -> None:
+    """Refuse a tokenizer that can produce a token id past the model's input embedding.
+
+    Such an id is an IndexError (on a GPU a device-side assert) at the first batch that holds it, often
+    deep in a run; it means the tokenizer files do not belong to these weights (or tokens were added
+    without resizing the embedding). An embedding larger than the tokenizer is normal (padded vocabularies)."""
+    embedding = model.get_input_embeddings()
+    if embedding is None or not hasattr(embedding, "weight"):
+        return
+    rows = embedding.weight.shape[0]
+    top = max([len(tokenizer) - 1, *tokenizer.get_vocab().values()])
+    if top >= rows:
+        raise ValueError(f"{where}: the tokenizer has token ids up to {top} ({len(tokenizer)} tokens), "
+                         f"but the model's embedding has {rows} rows: ids {rows}..{top} would index past it; "
+                         f"the tokenizer does not belong to these weights")
 
 
 def _hub_unreachable(err: BaseException) -> bool:

@@ -22,7 +22,7 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.safeio import atomic_file
+from engine.writes import atomic_file
 
 from engine.losses import preference_forward
 from engine.lora import disable_adapters

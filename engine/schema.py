@@ -23,7 +23,7 @@ import types
 import typing
 from typing import Any, Literal, Union
 
-import yaml
+from engine.safeio import CorruptFile, UnsafeInput, parse_yaml
 
 
 class RecipeError(ValueError):
@@ -247,14 +247,20 @@ def set_dotted(raw: dict, dotted: str, value: Any) -> None:
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """`key.path=value` -> (key.path, value parsed as YAML, by the loader recipe files use).
+
+    A value that is not valid YAML stays the text as written (`model.name=a: b`); one that parses but is
+    refused for what it would cost (an alias, nesting past safeio.MAX_DEPTH) is an error, not text."""
     pairs = []
     for item in items:
         if "=" not in item:
             raise RecipeError(f"override {item!r}: expected key.path=value")
         key, text = item.split("=", 1)
         try:
-            value = yaml.safe_load(text) if text != "" else ""
-        except yaml.YAMLError:
+            value = parse_yaml(text, f"override {key.strip()}") if text != "" else ""
+        except UnsafeInput as e:
+            raise RecipeError(str(e)) from None
+        except CorruptFile:
             value = text
         pairs.append((key.strip(), value))
     return pairs

@@ -20,10 +20,14 @@ Several GPUs: `torchrun --nproc_per_node N -m engine.train recipe.yaml train.dis
 (or fsdp2). The loop below is the same; the lines marked `dist:` shard the data, sum the
 step's counts, gradients and stats over ranks, and keep files to rank 0 (engine/distributed.py).
 
-Exit status: 0 done, 2 bad input or a damaged file (one `error:` line on stderr that names
-the key or file; nothing is written before a run is accepted), 3 the loss, the gradients or
-the updated weights became NaN/Inf (no such update is checkpointed; the error names the last
-good checkpoint, which is verified intact and finite, so it resumes).
+Exit status: 0 done, 2 bad input, a damaged file, an output that cannot be written or is in
+use by another run (one `error:` line on stderr that names the key or file; nothing is written
+before a run is accepted), 3 the loss, the gradients or the updated weights became NaN/Inf (no
+such update is checkpointed; the error names the last good checkpoint, which is verified intact
+and finite, so it resumes), 130 Ctrl-C and 143 SIGTERM (one line naming the last checkpoint).
+
+One run per output_dir: the run holds its lock from before the first read of a checkpoint to
+the end (engine/outputs.py); a second run on it exits 2 naming the first.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import dataclasses
 import hashlib
 import os
 import random
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -42,18 +47,21 @@ import torch
 import yaml
 
 from engine import distributed as dist
-from engine.checkpoint import (find_resume_dir, last_good_checkpoint, list_checkpoints, load_checkpoint,
-                               remove_stale_temporaries, save_checkpoint, set_aside, verify_checkpoint)
+from engine.checkpoint import (check_resumable, find_resume_dir, last_good_checkpoint, list_checkpoints,
+                               load_checkpoint, remove_stale_temporaries, save_checkpoint, set_aside,
+                               verify_checkpoint)
 from engine.generate import exact_match
+from engine.interrupts import Interrupted, as_interrupted, interruptible, raise_pending
 from engine.log import RunLog, plot_loss, read_metrics
 from engine.lora import kernel_routes_line, lora_parameters, save_adapter, set_kernels
 from engine.losses import dpo_loss
 from engine.models import describe, load_model_and_tokenizer
 from engine.objectives import delta_sparsity
 from engine.optim import build_optimizer, lr_at, set_lr
+from engine.outputs import claim_output
 from engine.qlora import apply_adapter, base_memory_report
 from engine.recipe import Recipe, RecipeError, load_recipe, recipe_help, recipe_to_dict
-from engine.safeio import write_json, write_text
+from engine.writes import os_error_line, write_json, write_text
 from engine.step import NonFiniteLoss, evaluate, train_step
 from engine.train_setup import make_objectives, preference_data, sft_data
 
@@ -86,10 +94,13 @@ class Run:
     log: Optional[RunLog] = None
 
 
-def run(recipe: Recipe) -> dict:
-    r = setup(recipe)
-    step, stop_reason = train_loop(r)
-    return finish(r, step, stop_reason)
+def run(recipe: Recipe, command: str = "python -m engine.train") -> dict:
+    # One run per output_dir, checked writable before any work (engine/outputs.py).
+    holder = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 (dist.init has not run yet)
+    with claim_output(recipe.output_dir, command, key="output_dir") if holder else nullcontext():
+        r = setup(recipe)
+        step, stop_reason = train_loop(r)
+        return finish(r, step, stop_reason)
 
 
 # --------------------------------------------------------------------------- set-up
@@ -163,9 +174,8 @@ def check_resume(recipe: Recipe) -> tuple[str | None, list]:
     if resume_dir is None and list_checkpoints(run_dir):
         raise ValueError(f"output_dir: {run_dir} already holds checkpoints; set train.resume=auto to continue "
                          f"that run, or choose another output_dir")
-    if resume_dir:
-        _check_same_run(verify_checkpoint(resume_dir).get("run_fingerprint", {}), run_fingerprint(recipe),
-                        resume_dir)
+    if resume_dir:  # the same run: the same recipe but for what may change (engine/checkpoint.py)
+        check_resumable(resume_dir, verify_checkpoint(resume_dir), recipe_to_dict(recipe))
         read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     return resume_dir, damaged
 
@@ -207,6 +217,7 @@ def train_loop(r: Run) -> tuple[int, str]:
     step, stop_reason = state.get("step", 0), "max_steps"
     try:
         while step < tc.max_steps:
+            raise_pending()  # a Ctrl-C whose exception Python dropped (engine/interrupts.py) stops here
             t0 = time.perf_counter()
             lr = lr_at(step, tc)
             set_lr(r.optimizer, lr)
@@ -279,7 +290,7 @@ def checkpoint(r: Run, step: int) -> str:
     return save_checkpoint(r.recipe.output_dir, step, r.model, r.optimizer, r.recipe.lora, r.recipe.model.name,
                            {**{k: state[k] for k in ("micro_batch", "trained_tokens", "best_eval_loss",
                                                      "evals_without_gain", "exact_match_before")},
-                            "run_fingerprint": run_fingerprint(r.recipe)},
+                            "recipe": recipe_to_dict(r.recipe)},  # what a resume must match
                            keep=r.recipe.train.keep_checkpoints)
 
 
@@ -329,25 +340,6 @@ def check_initial_dpo_loss(value: float, cfg, log: RunLog) -> None:
     log.write({"step": 0, "check/step0_dpo_loss": value, "check/expected": expected, "check/ok": ok})
 
 
-def run_fingerprint(recipe: Recipe) -> dict:
-    """The settings a checkpoint's factors and data position only make sense under.
-
-    The learning rate or max_steps may change on resume (e.g. to extend a run); these may not.
-    """
-    d = recipe_to_dict(recipe)
-    return {"model.name": d["model"]["name"], "train.batch_size": d["train"]["batch_size"],
-            "train.grad_accum": d["train"]["grad_accum"], "train.seed": d["train"]["seed"],
-            "train.optimizer": d["train"]["optimizer"],  # the optimizers' states do not convert
-            **{f"lora.{k}": v for k, v in d["lora"].items()}, **{f"data.{k}": v for k, v in d["data"].items()}}
-
-
-def _check_same_run(saved: dict, current: dict, ckpt: str) -> None:
-    for key, value in current.items():
-        if key in saved and saved[key] != value:
-            raise ValueError(f"train.resume: {ckpt} was written with {key}={saved[key]!r}, this recipe has "
-                             f"{value!r}; that would not continue the same run (use a new output_dir)")
-
-
 def _exact_match(r: Run) -> dict:
     e = r.recipe.eval
     return exact_match(r.model, r.tokenizer, r.eval_rows[: e.num_samples], r.recipe.data.template,
@@ -356,6 +348,24 @@ def _exact_match(r: Run) -> dict:
 
 def _stable_id(run_dir: str) -> str:
     return hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:12]
+
+
+def interrupted(e: Interrupted, target) -> int:
+    """Ctrl-C or SIGTERM: one line saying where the run (or pipeline) stopped and how it continues."""
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second one must not cut this line short
+        signal.signal(sig, signal.SIG_IGN)
+    if isinstance(target, Recipe):
+        ckpts = list_checkpoints(target.output_dir)
+        where = (f"the last checkpoint is {ckpts[-1]} (train.resume=auto continues from it)" if ckpts
+                 else "no checkpoint was saved yet")
+    elif target is not None:  # a pipeline: engine/pipeline/run.py says which step stopped
+        where = f"{getattr(e, 'detail', None) or 'the pipeline stopped'}; finished steps under {target.output_dir} " \
+                f"are kept: rerun the same command to continue"
+    else:
+        where = "nothing was written"
+    if dist.is_main():
+        print(f"interrupted ({e.name}): {where}", file=sys.stderr)
+    return e.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,33 +381,36 @@ def main(argv: list[str] | None = None) -> int:
     # The command line's dispatch: a pipeline recipe runs the PAFT pipeline, which sits on top of this
     # library (it trains through this very command), so it is imported here and nowhere below.
     from engine.pipeline import PipelineStepFailed, is_pipeline, load_pipeline, pipeline_to_dict, run as run_pipeline
-    try:
-        if os.path.isfile(args.recipe) and is_pipeline(args.recipe):  # stages + merges + evals
-            cfg = load_pipeline(args.recipe, args.overrides)
+    command, target = f"python -m engine.train {args.recipe}", None  # target: the recipe an interrupt stopped
+    with interruptible():  # SIGTERM stops the run as Ctrl-C does (engine/interrupts.py)
+        try:
+            if os.path.isfile(args.recipe) and is_pipeline(args.recipe):  # stages + merges + evals
+                load, to_dict, start = load_pipeline, pipeline_to_dict, run_pipeline
+            else:
+                load, to_dict, start = load_recipe, recipe_to_dict, run
+            target = load(args.recipe, args.overrides)
             if args.print_config:
-                print(yaml.safe_dump(pipeline_to_dict(cfg), sort_keys=False), end="")
+                print(yaml.safe_dump(to_dict(target), sort_keys=False), end="")
                 return 0
-            run_pipeline(cfg)
+            start(target, command)
             return 0
-        recipe = load_recipe(args.recipe, args.overrides)
-        if args.print_config:
-            print(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), end="")
-            return 0
-        run(recipe)
-        return 0
-    except NonFiniteLoss:
-        if args.debug:
-            raise
-        return 3
-    except (RecipeError, ValueError, OSError, ImportError, PipelineStepFailed) as e:  # OSError: disk full, ...
-        if args.debug:
-            raise
-        message = " ".join(str(e).split())  # one line, whatever the exception carried
-        where = "" if dist.is_main() else f"[rank {dist.rank()}] "  # several ranks: say which one
-        print(f"error: {where}{message}", file=sys.stderr)
-        return 2
-    finally:
-        dist.teardown()  # leave torchrun's process group (nothing to do in a single process)
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM: 130 or 143
+            if args.debug:
+                raise
+            return interrupted(as_interrupted(e), target)
+        except NonFiniteLoss:
+            if args.debug:
+                raise
+            return 3
+        except (RecipeError, ValueError, OSError, ImportError, PipelineStepFailed) as e:  # OSError: disk full, ...
+            if args.debug:
+                raise
+            message = os_error_line(e) if isinstance(e, OSError) else " ".join(str(e).split())  # one line
+            where = "" if dist.is_main() else f"[rank {dist.rank()}] "  # several ranks: say which one
+            print(f"error: {where}{message}", file=sys.stderr)
+            return 2
+        finally:
+            dist.teardown()  # leave torchrun's process group (nothing to do in a single process)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,12 @@ lora_alpha = r (scale 1). A module an adapter does not touch gets a zero block.
 
 Output is written into a temporary directory beside --out and renamed into place at the
 end: a failed merge leaves no directory that looks complete. An existing --out is refused
-unless --overwrite. A bfloat16/float16 output is checked against the fp32 merge (the share of
+unless --overwrite, and --overwrite replaces only a folder that holds nothing but a model
+folder's files (weights, config, tokenizer: never `--out .` in a project). An --out inside one
+of the merge's inputs is refused; a symlinked --out stays a link, and the folder it points to
+is the one replaced. One merge at a time holds --out (a second one exits 2 naming the first);
+the temporaries a killed merge left beside it are removed at the next start. Ctrl-C or SIGTERM
+stop it with one line and exit 130 / 143, --out as it was. A bfloat16/float16 output is checked against the fp32 merge (the share of
 the update the rounding loses, engine/rounding.py): past 1 % it is refused unless --allow-lossy
 (merge/write.py). Bad input is one `error: ...` line on stderr naming the model and the tensor,
 and exit status 2.
@@ -60,6 +65,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from engine.commands import run_command  # noqa: E402
+from engine.outputs import OutputError  # noqa: E402
 from engine.rounding import LOSSY_BOUND  # noqa: E402
 from merge.config import MergeError  # noqa: E402
 from merge.registry import methods_help  # noqa: E402
@@ -81,12 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of DARE's per-tensor masks (default 0)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    try:
+
+    def merge():
         with torch.no_grad():  # scoped: main() is also called in-process (tests), never leak grad mode
-            plan = run(args.config, args.out, args.as_adapter, args.seed, args.overwrite, args.allow_lossy)
-    except (MergeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            return run(args.config, args.out, args.as_adapter, args.seed, args.overwrite, args.allow_lossy)
+    status, plan = run_command(merge, f"the merge stopped; {args.out} is as it was", refused=(MergeError, OutputError))
+    if status:
+        return status
     for loss in plan.rounding:
         print(f"merge: {loss.summary()}", file=sys.stderr)
     what = "adapter" if args.as_adapter else f"{len(plan.names)} tensors"

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.safeio import CorruptFile, read_yaml
 from merge.deltas import MergeError
 from merge.registry import METHODS
 
@@ -40,33 +41,45 @@ class MergeConfig:
     dtype: torch.dtype | None = None
 
 
-def _scalars(setting, where: str):
-    """Every scalar in a mergekit parameter setting (number, gradient list, filtered list)."""
+def _scalar(v, param, key: str, where: str):
+    """One scalar of a setting, checked (merge/registry.py: finite, in range, true/false).
+
+    A string that spells a number is that number, as a recipe's float is (engine/schema.py):
+    YAML 1.1 reads `1e-3` (no dot) as the string "1e-3"."""
+    if isinstance(v, str) and param.check != "bool":
+        try:
+            v = float(v)
+        except ValueError:
+            raise MergeError(f"{where}: {key}: not a number, gradient or filtered list: {v!r}") from None
+    elif not isinstance(v, (bool, int, float)):
+        raise MergeError(f"{where}: {key}: not a number, gradient or filtered list: {v!r}")
+    problem = param.problem(key, v)
+    if problem:
+        raise MergeError(f"{where}: {problem}")
+    return v
+
+
+def _setting(setting, param, key: str, where: str):
+    """A mergekit parameter setting, checked, with numeric strings as numbers: a scalar, a
+    gradient [v0, v1, ...] (numbers only) or a filtered list [{filter: ..., value: ...}, ...]."""
     if isinstance(setting, dict):
         setting = [setting]
-    if isinstance(setting, (bool, int, float)):
-        yield setting
-    elif isinstance(setting, list) and setting:
-        for e in setting:
-            if isinstance(e, dict):
-                unknown = set(e) - {"filter", "value"}
-                if unknown or "value" not in e:
-                    raise MergeError(f"{where}: a filtered value is {{filter: ..., value: ...}}, got {e}")
-                yield from _scalars(e["value"], where)
-            elif isinstance(e, (bool, int, float)):
-                yield e
-            else:
-                raise MergeError(f"{where}: not a number, gradient or filtered list: {e!r}")
-    else:
-        raise MergeError(f"{where}: not a number, gradient or filtered list: {setting!r}")
-
-
-def _check_value(key: str, setting, method: str, where: str) -> None:
-    param = METHODS[method].params[key]
-    for v in _scalars(setting, where):
-        problem = param.problem(key, v)
-        if problem:
-            raise MergeError(f"{where}: {problem}")
+    if not isinstance(setting, list):
+        return _scalar(setting, param, key, where)
+    if not setting or not (all(isinstance(e, dict) for e in setting) or not any(isinstance(e, dict) for e in setting)):
+        raise MergeError(f"{where}: {key}: a gradient is a non-empty list of numbers and a filtered list one of "
+                         f"{{filter: ..., value: ...}}, got {setting!r}")
+    if param.check == "bool" and not isinstance(setting[0], dict):
+        raise MergeError(f"{where}: {key} must be true or false (or a filtered list of them), got {setting!r}")
+    out = []
+    for e in setting:
+        if isinstance(e, dict):
+            if set(e) - {"filter", "value"} or "value" not in e or not isinstance(e.get("filter", ""), (str, type(None))):
+                raise MergeError(f"{where}: a filtered value is {{filter: SUBSTRING, value: ...}}, got {e}")
+            out.append({**e, "value": _setting(e["value"], param, key, where)})
+        else:
+            out.append(_scalar(e, param, key, where))
+    return out
 
 
 def _check_params(params, method: str, per_model: bool, where: str) -> dict:
@@ -80,19 +93,16 @@ def _check_params(params, method: str, per_model: bool, where: str) -> dict:
         if key not in spec or (per_model and not spec[key].per_model):
             ok = [k for k, p in spec.items() if not per_model or p.per_model]
             raise MergeError(f"{where}: unknown parameter {key!r} for {method} (known: {', '.join(ok) or 'none'})")
-        _check_value(key, setting, method, where)
-    return params
+    return {key: _setting(setting, spec[key], key, where) for key, setting in params.items()}
 
 
 def load_config(path: str) -> MergeConfig:
-    import yaml
     if not os.path.isfile(path):
         raise MergeError(f"config: file not found: {path}")
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise MergeError(f"config: {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raw = read_yaml(path)  # engine.safeio: no aliases (a YAML bomb), no deep nesting, 1e-3 is a number
+    except CorruptFile as e:
+        raise MergeError(f"config: {e}") from None
     if not isinstance(raw, dict):
         raise MergeError(f"config: {path}: expected a mapping of {', '.join(TOP_KEYS)}")
     return parse_config(raw)

@@ -23,7 +23,6 @@ Every problem is a MergeError whose message names the model and the tensor.
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
@@ -31,7 +30,9 @@ import shutil
 import torch
 from safetensors import safe_open
 
-from engine.safeio import CorruptFile, atomic_dir, read_json
+from engine.adapter_config import check_finite, lora_scale, read_adapter_config
+from engine.safeio import CorruptFile, read_json
+from engine.writes import atomic_dir
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -145,11 +146,6 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 
 # ---------------------------------------------------------------------------- LoRA adapters
 
-# peft options that change what the adapter computes; only plain LoRA is a τ = s·B A.
-_UNSUPPORTED = ("use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "modules_to_save",
-                "lora_bias", "layer_replication", "target_parameters", "trainable_token_indices")
-
-
 def _read_json(path: str, label: str) -> dict:
     """A JSON object from `path`; damaged (not UTF-8, not JSON, not an object): MergeError naming it."""
     try:
@@ -166,20 +162,15 @@ class Adapter:
 
     def __init__(self, path: str, label: str):
         self.path, self.label = path, label
-        cfg_path = os.path.join(path, ADAPTER_CONFIG)
-        cfg = _read_json(cfg_path, label)
-        if cfg.get("peft_type", "LORA") != "LORA":
-            raise MergeError(f"{label}: peft_type {cfg.get('peft_type')!r}: only LORA adapters can be merged")
-        for key in _UNSUPPORTED:
-            if cfg.get(key) not in (None, False, "none", {}, []):
-                raise MergeError(f"{label}: {key}={cfg[key]!r} is not supported (plain LoRA only)")
-        if cfg.get("bias", "none") != "none":
-            raise MergeError(f"{label}: bias={cfg['bias']!r} is not supported (plain LoRA only)")
+        try:  # the checks engine.lora.load_adapter makes too: r, lora_alpha, use_rslora typed and in range
+            cfg = read_adapter_config(path)
+        except (OSError, ValueError) as e:
+            raise MergeError(f"{label}: {e}") from None
         self.config = cfg
-        self.r = int(cfg.get("r", 8))
-        self.alpha = float(cfg.get("lora_alpha", 8))
-        self.scale = self.alpha / (math.sqrt(self.r) if cfg.get("use_rslora") else self.r)
-        self.base_name = cfg.get("base_model_name_or_path")
+        self.r = cfg["r"]
+        self.alpha = cfg["lora_alpha"]
+        self.scale = lora_scale(cfg)
+        self.base_name = cfg["base_model_name_or_path"]
 
         weights = os.path.join(path, ADAPTER_WEIGHTS)
         if not os.path.isfile(weights):
@@ -204,6 +195,13 @@ class Adapter:
             if len(a) != 2 or len(b) != 2 or a[0] != b[1] or a[0] != self.r:
                 raise MergeError(f"{label}: tensor {name}: lora_A {a} and lora_B {b} do not make a rank-{self.r} "
                                  f"update")
+        # Every factor finite, before any work: one NaN in A or B makes every merged weight it touches NaN.
+        # (Factors are small, r·(in + out) per layer, so reading each once here costs little.)
+        for key in self._file.keys():
+            try:
+                check_finite(self._file.get_tensor(key), key, weights)
+            except ValueError as e:
+                raise MergeError(f"{label}: {e}") from None
 
     def _shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._file.get_slice(key).get_shape())

@@ -36,7 +36,7 @@ import sys
 
 import torch
 
-from engine.safeio import atomic_write, write_json
+from engine.writes import atomic_write, write_json
 
 THRESHOLDS = [1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3]
 STEP_THRESHOLDS = [1e-6, 1e-5, 1e-4]  # drawn over training steps

@@ -76,7 +76,30 @@ def prepare(cfg: MergeConfig, scratch: str) -> Plan:
             check_against_base(m, reference, names)
     layers = [int(x) for n in names for x in re.findall(r"\.layers\.(\d+)\.", n)]
     num_layers = reference.config.get("num_hidden_layers") or (max(layers) + 1 if layers else 1)
-    return Plan(cfg, reference, models, names, tied, num_layers)
+    plan = Plan(cfg, reference, models, names, tied, num_layers)
+    for name in names:
+        check_weight_sum(plan, name)
+    return plan
+
+
+def check_weight_sum(plan: Plan, name: str) -> None:
+    """MergeError if the weights of tensor `name` sum to ~0 where that has no meaning, before any
+    tensor is merged (weights may differ per tensor: gradients, filters).
+
+    With normalize the method divides by Σᵢ wᵢ, and mergekit then quietly divides by 1 instead;
+    linear's plain Σᵢ wᵢ θᵢ with Σw = 0 is a difference of models (θ_F − θ_base for weights 1
+    and −1), not a model either. TIES' normalize divides each entry by the weights that agree
+    on its sign, which this does not concern (registry: sums_weights)."""
+    method = METHODS[plan.cfg.method]
+    if not method.sums_weights:
+        return
+    total = sum(plan.param("weight", name, e) for e in plan.cfg.models)
+    normalize = plan.param("normalize", name)
+    if abs(total) >= 1e-8 or not (normalize or method.inputs == "weights"):
+        return
+    why = "normalize divides by it" if normalize else "Σ wᵢ θᵢ would be a difference of models, not a model"
+    raise MergeError(f"tensor {name}: the weights of {plan.cfg.method} sum to {total:g}; {why} "
+                     f"(choose weights with a non-zero sum)")
 
 
 def merge_tensor(plan: Plan, name: str, seed: int) -> torch.Tensor:

@@ -15,10 +15,13 @@ tensor out), as mergekit keeps its registry apart from its methods.
 A parameter's setting in a config is a number, a gradient [v0, v1, ...] or a filtered list
 (merge/config.py resolves it per tensor); its check applies to every number in it:
 
-    number    any number (true/false are not numbers)
+    number    any finite number within float32's range (true/false are not numbers; a NaN or
+              inf weight would write a NaN model with exit 0)
     bool      true or false
     density   a number in (0, 1]
     unit      a number in [0, 1]
+A number written as a string ("1e-3": YAML 1.1 reads that as a string) is the number it spells,
+as in recipes (engine/schema.py); a string for a true/false parameter is refused.
 
 How `fn` is called, by the method's `inputs`, for one weight of the merge:
 
@@ -31,10 +34,12 @@ is accepted (mergekit configs carry it) and not passed.
 """
 from __future__ import annotations
 
+import math
 import textwrap
 from dataclasses import dataclass
 from typing import Callable
 
+from engine.schema import FLOAT32_MAX
 from merge import methods as M
 
 
@@ -53,8 +58,10 @@ class Param:
         """What is wrong with one number `v` of a setting of parameter `key` (None: nothing)."""
         if self.check == "bool":
             return None if isinstance(v, bool) else f"{key} must be true or false, got {v!r}"
-        if isinstance(v, bool):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
             return f"{key} must be a number, got {v!r}"
+        if not (abs(v) <= FLOAT32_MAX if isinstance(v, int) else math.isfinite(v) and abs(v) <= FLOAT32_MAX):
+            return f"{key} must be a finite number within the float32 range (|x| <= {FLOAT32_MAX:.4g}), got {v!r}"
         if self.check == "density" and not 0 < v <= 1:
             return f"{key} must be in (0, 1], got {v}"
         if self.check == "unit" and not 0 <= v <= 1:
@@ -72,6 +79,7 @@ class Method:
     url: str
     random: bool = False        # fn takes generator=
     note: str = ""              # one more sentence for --help
+    sums_weights: bool = False  # normalize divides by Σᵢ wᵢ: a sum of 0 is refused (merge/plan.py)
 
 
 WEIGHT = Param(None, "number", "weights", per_model=True)
@@ -86,27 +94,27 @@ def _normalize(default: bool) -> Param:
     return Param(default, "bool", "normalize")
 
 
-def _dare(name: str, fn: Callable) -> Method:
+def _dare(name: str, fn: Callable, sums_weights: bool) -> Method:
     return Method(name, fn, "deltas",
                   {"weight": WEIGHT, "lambda": LAMBDA, "density": DENSITY, "int8_mask": INT8_MASK,
                    "normalize": _normalize(False), "rescale": RESCALE},
                   "Yu et al. 2024, DARE", "https://arxiv.org/abs/2311.03099",
-                  random=True)
+                  random=True, sums_weights=sums_weights)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("linear", M.linear, "weights", {"weight": WEIGHT, "normalize": _normalize(True)},
-           "Wortsman et al. 2022, model soups", "https://arxiv.org/abs/2203.05482"),
+           "Wortsman et al. 2022, model soups", "https://arxiv.org/abs/2203.05482", sums_weights=True),
     Method("task_arithmetic", M.task_arithmetic, "deltas",
            {"weight": WEIGHT, "lambda": LAMBDA, "density": UNUSED_DENSITY, "int8_mask": INT8_MASK,
             "normalize": _normalize(False)},
-           "Ilharco et al. 2023, task arithmetic", "https://arxiv.org/abs/2212.04089"),
+           "Ilharco et al. 2023, task arithmetic", "https://arxiv.org/abs/2212.04089", sums_weights=True),
     Method("ties", M.ties, "deltas",
            {"weight": WEIGHT, "lambda": LAMBDA, "density": DENSITY, "int8_mask": INT8_MASK,
             "normalize": _normalize(True)},
            "Yadav et al. 2023, TIES-merging", "https://arxiv.org/abs/2306.01708"),
-    _dare("dare_linear", M.dare_linear),
-    _dare("dare_ties", M.dare_ties),
+    _dare("dare_linear", M.dare_linear, sums_weights=True),
+    _dare("dare_ties", M.dare_ties, sums_weights=False),  # its normalize divides per entry (disjoint_mean)
     Method("slerp", M.slerp, "pair", {"t": Param(None, "unit", "t")},
            "Shoemake 1985 (quaternion slerp), as mergekit applies it to weights",
            "https://doi.org/10.1145/325165.325242",

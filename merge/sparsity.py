@@ -30,7 +30,7 @@ import sys
 import torch
 
 from paft_kernels.l1_lowrank import sparsity_of_product
-from engine.safeio import atomic_write, write_text
+from engine.writes import atomic_write, write_text
 from merge.deltas import Adapter, Checkpoint, MergeError, open_model, remove_tree
 
 THRESHOLD = 1e-5

@@ -16,16 +16,17 @@ import tempfile
 
 import torch
 
+from engine.model_out import TOKENIZER_FILES, claim_model_out, is_model_file
 from engine.rounding import LOSSY_BOUND, RoundingLoss
-from engine.safeio import atomic_dir, atomic_write, save_safetensors, write_text
+from engine.writes import atomic_dir, atomic_write, save_safetensors, temporary_dir_prefix, write_text
 from merge.config import load_config
 from merge.deltas import ADAPTER_CONFIG, ADAPTER_PREFIX, ADAPTER_WEIGHTS, Adapter, MergeError, remove_tree
 from merge.plan import Plan, merge_tensor, prepare
 
 SHARD_BYTES = 2_000_000_000  # ≤ 2 GB per output file
-COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
-                "chat_template.json")
+COPIED_FILES = ("generation_config.json",) + TOKENIZER_FILES  # from the base, when it has them
+COMMAND = "python -m merge"
+TEMPORARIES = ("scratch", "tmp", "old")  # what a merge builds beside --out: .<out>.<kind>-XXXXXXXX
 
 
 # ---------------------------------------------------------------------------- writing safetensors
@@ -45,7 +46,7 @@ class StreamingSafetensors:
     """
 
     def __init__(self, f, specs: list[tuple[str, torch.dtype, tuple[int, ...]]]):
-        """f: a file open for binary writing (engine.safeio.atomic_write's)."""
+        """f: a file open for binary writing (engine.writes.atomic_write's)."""
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for name, dtype, shape in specs:
             size = math.prod(shape) * dtype.itemsize
@@ -95,10 +96,12 @@ def write_model(plan: Plan, out: str, seed: int) -> int:
             writer = StreamingSafetensors(f, shard)
             for name, dtype, _ in shard:
                 merged = merge_tensor(plan, name, seed)
+                rounded = merged.to(dtype)  # the one rounding
+                check_finite(name, merged, rounded)
                 if dtype in (torch.bfloat16, torch.float16) and merged.is_floating_point():
                     base = plan.reference.read(name)  # θ₀ as stored: the update is merged − θ₀
                     losses.setdefault(dtype, RoundingLoss(dtype)).add(name, merged, base)
-                writer.write(name, merged.to(dtype))  # the one rounding
+                writer.write(name, rounded)
             writer.finish()
     plan.rounding = list(losses.values())
     if len(shards) > 1:
@@ -115,12 +118,38 @@ def write_model(plan: Plan, out: str, seed: int) -> int:
                 config["torch_dtype"] = config["dtype"]
         config["tie_word_embeddings"] = plan.tied
         _write_json(os.path.join(out, "config.json"), config)
+    copy_base_files(plan, out)
+    return len(shards)
+
+
+def check_finite(name: str, merged: torch.Tensor, rounded: torch.Tensor) -> None:
+    """MergeError unless every value of a merged tensor is finite, in fp32 and in the output dtype.
+
+    A NaN or inf in one model, or a parameter that overflows, would otherwise be written with exit
+    0, and export and evals downstream would report on a broken model as if it were one."""
+    if not rounded.is_floating_point() or torch.isfinite(rounded).all():
+        return
+    if not torch.isfinite(merged).all():
+        raise MergeError(f"tensor {name}: the merge is not finite (nan or inf); check the models' weights and "
+                         f"the merge parameters (nothing was written)")
+    raise MergeError(f"tensor {name}: finite in fp32 but overflows {str(rounded.dtype).removeprefix('torch.')} "
+                     f"(set dtype: float32; nothing was written)")
+
+
+def copy_base_files(plan: Plan, out: str) -> None:
+    """The reference model's generation config and tokenizer files, copied as they are; a base
+    without tokenizer files gives a merge without them, which is said (AutoTokenizer will not
+    load the merged folder by itself)."""
+    copied = []
     for file in COPIED_FILES:
         src = os.path.join(plan.reference.path, file)
         if os.path.isfile(src):
             with open(src, "rb") as source, atomic_write(os.path.join(out, file), "wb") as f:
                 shutil.copyfileobj(source, f)
-    return len(shards)
+            copied.append(file)
+    if not set(copied) & set(TOKENIZER_FILES):
+        print(f"warning: {plan.reference.label} ({plan.reference.path}) has no tokenizer files, so the merge "
+              f"has none: copy them into the output before loading it with AutoTokenizer", file=sys.stderr)
 
 
 def _write_json(path: str, obj) -> None:
@@ -166,8 +195,10 @@ def write_adapter(plan: Plan, out: str) -> int:
             Bs.append(B * (c * m.scale))  # fold cᵢ·sᵢ into B, in fp32
         module = name.removesuffix(".weight")
         a_key, b_key = (("lora_embedding_A", "lora_embedding_B") if kinds[name] else ("lora_A.weight", "lora_B.weight"))
-        tensors[f"{ADAPTER_PREFIX}{module}.{a_key}"] = torch.cat(As, dim=0).to(dtype).contiguous()
-        tensors[f"{ADAPTER_PREFIX}{module}.{b_key}"] = torch.cat(Bs, dim=1).to(dtype).contiguous()
+        for key, merged in ((a_key, torch.cat(As, dim=0)), (b_key, torch.cat(Bs, dim=1))):
+            rounded = merged.to(dtype).contiguous()
+            check_finite(f"{ADAPTER_PREFIX}{module}.{key}", merged, rounded)
+            tensors[f"{ADAPTER_PREFIX}{module}.{key}"] = rounded
     save_safetensors(tensors, os.path.join(out, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     first = plan.models[0].config
     config = {
@@ -192,33 +223,32 @@ def _factor_shapes(weight_shape, r, embedding):
 
 def run(config_path: str, out: str, as_adapter: bool = False, seed: int = 0, overwrite: bool = False,
         allow_lossy: bool = False) -> Plan:
-    """Merge as the config says into `out` (atomically). Raises MergeError on bad input.
+    """Merge as the config says into `out` (atomically). Raises MergeError on bad input, OutputError
+    (engine.outputs) on an --out that cannot be written, OSError when a write fails.
 
-    An existing non-empty `out` is refused unless `overwrite`; then the new result is complete
-    beside it before the old one is moved away, so a failed merge keeps the old output. A model
-    written in a 16-bit dtype that keeps less than 1 - LOSSY_BOUND of the merge's update (see
-    engine/rounding.py) is refused unless `allow_lossy`, and nothing is written."""
+    `out` is held for the whole merge (engine.model_out.claim_model_out: one merge at a time, an
+    --out inside an input refused, a symlink's target written, a killed merge's temporaries
+    removed). An existing non-empty `out` is refused unless `overwrite`, and even then unless it
+    holds only a model folder's files; the new result is complete beside it before the old one
+    is moved away, so a failed merge keeps the old output. A model written in a 16-bit dtype that
+    keeps less than 1 - LOSSY_BOUND of the merge's update (see engine/rounding.py) is refused
+    unless `allow_lossy`, and nothing is written."""
     cfg = load_config(config_path)
-    out = os.path.abspath(out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise MergeError(f"--out: {out} is a file, not a directory")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise MergeError(f"--out: {out} already exists; remove it, choose another directory, or pass --overwrite")
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    # Where models that are not safetensors directories yet (builtin:, .gguf) are materialised.
-    scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.scratch-", dir=parent)
-    try:
-        plan = prepare(cfg, scratch)
-        with atomic_dir(out, replace=overwrite) as tmp:  # .<out>.tmp-XXXX beside out, renamed at the end
-            if as_adapter:
-                write_adapter(plan, tmp)
-            else:
-                write_model(plan, tmp, seed)
-            _check_rounding(plan, allow_lossy)
-        return plan
-    finally:
-        remove_tree(scratch)
+    inputs = [cfg.base] + [m.name for m in cfg.models] + [m.adapter_of for m in cfg.models]
+    with claim_model_out(out, COMMAND, overwrite, inputs, TEMPORARIES) as dest:
+        # Where models that are not safetensors directories yet (builtin:, .gguf) are materialised.
+        scratch = tempfile.mkdtemp(prefix=temporary_dir_prefix(dest, "scratch"), dir=os.path.dirname(dest))
+        try:
+            plan = prepare(cfg, scratch)
+            with atomic_dir(dest, replace=overwrite, own=is_model_file) as tmp:  # .<out>.tmp-XXXX, renamed at the end
+                if as_adapter:
+                    write_adapter(plan, tmp)
+                else:
+                    write_model(plan, tmp, seed)
+                _check_rounding(plan, allow_lossy)
+            return plan
+        finally:
+            remove_tree(scratch)
 
 
 def _check_rounding(plan: Plan, allow_lossy: bool) -> None:

@@ -35,18 +35,31 @@ A task whose data package is not served (or not reachable) is skipped with one l
 The results file (written atomically):
     {"model": TARGET, "name": ..., "kind": "adapter" | "model_dir" | "name", "base": ...,
      "settings": {...}, "tasks": {task: {metric: value, ..., "n": ..., "samples": [...]}}}
+
+--out is checked before any work and held for the whole evaluation (a second evaluation to it
+exits 2 naming the first). It may replace only a results file of this command: an --out inside
+the evaluated model or adapter, or over any other file (a data file, a config), is refused. A
+symlinked --out stays a link (the file it points to is written). If the final write fails (a
+full disk), the results are printed on stdout and the error names the file: the evaluation's
+work is not lost. Ctrl-C / SIGTERM: one line, exit 130 / 143. A number that is out of range for
+its option is one `error:` line, exit 2.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
 import torch
 
 from engine.data.templates import TEMPLATES
-from engine.safeio import atomic_write
+from engine.commands import run_command
+from engine.outputs import OutputError, check_writable, claim_output
+from engine.safeio import read_json
+from engine.writes import atomic_write, input_holding
+from engine.schema import FLOAT32_MAX
 from paft_evals.common import EvalArgs
 from paft_evals.loading import load_target
 from paft_evals.tasks import TASKS, evaluate, parse_data
@@ -62,25 +75,77 @@ def parse_tasks(values: list[str]) -> list[str]:
     return tasks
 
 
-def write_json_atomic(obj, path: str) -> None:
-    """Write to a temporary file beside `path`, then rename it over `path`: never half a file."""
+def write_json_atomic(obj, path: str, replace: bool = True) -> None:
+    """Write to a temporary file beside `path`, then rename it over `path`: never half a file.
+    `replace=False`: never over a file that appeared meanwhile (engine.writes.rename_noreplace)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_write(path) as f:
+    with atomic_write(path, replace=replace) as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")
 
 
-def check_out_file(path: str) -> None:
-    """--out must name a file we can create or replace: not a directory, under a writable directory."""
+def is_results_file(path: str) -> bool:
+    """True if `path` is a regular file holding a results JSON of this command (what --out may replace)."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        obj = read_json(path)
+    except (ValueError, OSError):
+        return False
+    return isinstance(obj, dict) and {"model", "settings", "tasks"} <= obj.keys() and isinstance(obj["tasks"], dict)
+
+
+def check_out_file(path: str, inputs: list[str] = ()) -> str:
+    """--out, checked before any work; returns the file to write (a symlink's target).
+
+    It must be a file we can create (engine.outputs.check_writable: not a directory, not under a
+    file, a dangling link or a read-only filesystem), outside everything evaluated (`inputs`: the
+    target, its base, the data files), and, if it exists, a results file of this command: evals
+    writes results, and must never replace an adapter's config or a data file it did not write."""
     if os.path.isdir(path):
-        raise ValueError(f"--out: {path} is a directory; give the results file's path, e.g. {path}/results.json")
-    here = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(here):
-        here = os.path.dirname(here)
-    if not os.path.isdir(here):
-        raise ValueError(f"--out: {path} cannot be created: {here} is a file")
-    if not os.access(here, os.W_OK | os.X_OK):
-        raise ValueError(f"--out: {path}: {here} is not writable")
+        raise OutputError(f"--out: {path} is a directory; give the results file's path, e.g. {path}/results.json")
+    check_writable(path, "--out", kind="file")
+    dest = os.path.realpath(os.path.expanduser(path))
+    held = input_holding(dest, inputs)
+    if held is not None:
+        raise OutputError(f"--out: {path} is inside {held}, which is evaluated; write the results elsewhere")
+    if os.path.lexists(dest) and not is_results_file(dest):
+        raise OutputError(f"--out: {path} exists and is not a results file of python -m paft_evals; it is not "
+                          f"replaced (remove it, or choose another --out)")
+    return dest
+
+
+def integer(low: int, high: int = 2**31 - 1):
+    """An argparse type: an integer in [low, high] (2^31 - 1: what torch, tokenizers and C take as a count)."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= n <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high}], got {n}")
+        return n
+    parse.__name__ = "integer"
+    return parse
+
+
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number > 0 within float32's range (DPO's beta: 0 or nan gives no reward)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(x) and 0 < x <= FLOAT32_MAX):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return x
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a mistake on the command line as one `error:` line and exit 2, as every other
+    refusal of this command (argparse's own puts the 6-line usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (python -m paft_evals --help lists the options)\n")
 
 
 def parse_max_new_tokens(values: list[str], tasks: list[str]) -> tuple[int | None, dict[str, int]]:
@@ -92,8 +157,8 @@ def parse_max_new_tokens(values: list[str], tasks: list[str]) -> tuple[int | Non
             n = int(number)
         except ValueError:
             raise ValueError(f"--max-new-tokens {v!r}: expected N or TASK=N with N an integer") from None
-        if n < 1:
-            raise ValueError(f"--max-new-tokens {v!r}: the length must be >= 1")
+        if not 1 <= n <= 2**31 - 1:
+            raise ValueError(f"--max-new-tokens {v!r}: the length must be >= 1 and <= {2**31 - 1}")
         if not task:
             every = n
         elif task not in tasks:
@@ -104,8 +169,8 @@ def parse_max_new_tokens(values: list[str], tasks: list[str]) -> tuple[int | Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m paft_evals", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m paft_evals", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", help="adapter directory, HF model directory or engine model name")
     p.add_argument("--tasks", nargs="+", required=True, help=f"comma-separated: {','.join(TASKS)}")
     p.add_argument("--data", action="append", default=[], help="TASK=FILE (repeatable)")
@@ -113,17 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="base model of an adapter (default: its base_model_name_or_path)")
     p.add_argument("--name", default=None, help="the variant's name in reports (default: TARGET)")
     p.add_argument("--template", default="tokenizer", choices=TEMPLATES, help="chat template of the prompts")
-    p.add_argument("--limit", type=int, default=None, help="score the first N items of each task")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=integer(1, 2**63 - 1), default=None, help="score the first N items of each task")
+    p.add_argument("--batch-size", type=integer(1), default=8)
     p.add_argument("--max-new-tokens", action="append", default=[], metavar="N | TASK=N",
                    help="greedy generation length: N for every task, TASK=N for one task (repeatable); "
                         "default: each task's own")
-    p.add_argument("--max-length", type=int, default=1024, help="token limit of mc prompts and preference pairs")
-    p.add_argument("--beta", type=float, default=0.1, help="DPO beta of the implicit rewards (preference task)")
+    p.add_argument("--max-length", type=integer(1), default=1024, help="token limit of mc prompts and preference pairs")
+    p.add_argument("--beta", type=positive_number, default=0.1, help="DPO beta of the implicit rewards (preference task)")
     p.add_argument("--harmbench", default="all", choices=("all", "standard", "contextual"),
                    help="refusal task: which HarmBench test behaviours (contextual ones are ~10x longer)")
     p.add_argument("--bbh-tasks", default=None, help="bigbench_bbh: comma-separated task names (default: all)")
-    p.add_argument("--shots", type=int, default=3, help="bigbench_bbh: few-shot examples per task")
+    p.add_argument("--shots", type=integer(0), default=3, help="bigbench_bbh: few-shot examples per task")
     p.add_argument("--hhh-split", default="test", choices=("test", "train", "all"), help="hhh: which split")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
@@ -132,36 +197,66 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    status, _ = run_command(lambda: evaluate_into(a), f"the evaluation stopped; nothing written to {a.out}")
+    if status:
+        return status
+    print(f"evals: wrote {a.out}")
+    return 0
+
+
+def evaluate_into(a: argparse.Namespace) -> None:
+    """Check every argument and --out, then hold --out while evaluating and writing the results."""
+    tasks = parse_tasks(a.tasks)
+    data = parse_data(a.data, tasks)
+    lengths = parse_max_new_tokens(a.max_new_tokens, tasks)
+    device = parse_device(a.device)
+    inputs = [a.target, a.base, *(path for paths in data.values() for path in paths)]
+    dest = check_out_file(a.out, inputs)  # before any work: results the evaluation could not write are lost
+    with claim_output(dest, "python -m paft_evals", key="--out", kind="file"):
+        existed = os.path.lexists(check_out_file(a.out, inputs))  # again, now that no one else writes it
+        results = run_evaluation(a, tasks, data, lengths, device)
+        save_results(results, dest, replace=existed)
+
+
+def parse_device(name: str | None) -> torch.device | None:
     try:
-        check_out_file(a.out)  # before any work: a results file the evaluation could not write is lost
-        tasks = parse_tasks(a.tasks)
-        data = parse_data(a.data, tasks)
-        if a.limit is not None and a.limit < 1:
-            raise ValueError("--limit must be >= 1")
-        max_new, by_task = parse_max_new_tokens(a.max_new_tokens, tasks)
-        device = torch.device(a.device) if a.device else None
-        # Only the preference task reads the reference (adapters off); for the others an fp32 adapter is folded in.
-        model, tokenizer, info = load_target(a.target, a.base, device, a.dtype, keep_adapters="preference" in tasks)
-        args = EvalArgs(template=a.template, limit=a.limit, batch_size=a.batch_size,
-                        max_new_tokens=max_new, task_max_new_tokens=by_task, max_length=a.max_length, beta=a.beta,
-                        harmbench=a.harmbench, shots=a.shots, hhh_split=a.hhh_split,
-                        subtasks=[t.strip() for t in a.bbh_tasks.split(",") if t.strip()] if a.bbh_tasks else None)
-        unavailable: dict[str, str] = {}
-        results = evaluate(model, tokenizer, tasks, args, data, unavailable=unavailable)
-        if not results:  # every task's data is gone: nothing to write
-            raise FileNotFoundError(next(iter(unavailable.values())))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return torch.device(name) if name else None
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: not a torch device (cpu, cuda, cuda:0, ...)") from None
+
+
+def run_evaluation(a: argparse.Namespace, tasks: list[str], data: dict, lengths: tuple[int | None, dict],
+                   device: torch.device | None) -> dict:
+    """The evaluation the arguments ask for (lengths: parse_max_new_tokens'): the results file's contents."""
+    max_new, by_task = lengths
+    # Only the preference task reads the reference (adapters off); for the others an fp32 adapter is folded in.
+    model, tokenizer, info = load_target(a.target, a.base, device, a.dtype, keep_adapters="preference" in tasks)
+    args = EvalArgs(template=a.template, limit=a.limit, batch_size=a.batch_size,
+                    max_new_tokens=max_new, task_max_new_tokens=by_task, max_length=a.max_length, beta=a.beta,
+                    harmbench=a.harmbench, shots=a.shots, hhh_split=a.hhh_split,
+                    subtasks=[t.strip() for t in a.bbh_tasks.split(",") if t.strip()] if a.bbh_tasks else None)
+    unavailable: dict[str, str] = {}
+    results = evaluate(model, tokenizer, tasks, args, data, unavailable=unavailable)
+    if not results:  # every task's data is gone: nothing to write
+        raise FileNotFoundError(next(iter(unavailable.values())))
     settings = {"template": a.template, "limit": a.limit, "batch_size": a.batch_size,
                 "max_new_tokens": max_new, "task_max_new_tokens": by_task, "max_length": a.max_length, "beta": a.beta,
                 "harmbench": a.harmbench, "shots": a.shots, "hhh_split": a.hhh_split, "bbh_tasks": a.bbh_tasks,
                 "dtype": a.dtype, "data": data, "adapters": info["adapters"]}
-    write_json_atomic({"model": a.target, "name": a.name or a.target, "kind": info["kind"], "base": info["base"],
-                       "settings": settings, "tasks": results,
-                       **({"unavailable": unavailable} if unavailable else {})}, a.out)
-    print(f"evals: wrote {a.out}")
-    return 0
+    return {"model": a.target, "name": a.name or a.target, "kind": info["kind"], "base": info["base"],
+            "settings": settings, "tasks": results, **({"unavailable": unavailable} if unavailable else {})}
+
+
+def save_results(results: dict, path: str, replace: bool) -> None:
+    """The results file, written atomically; if that fails (a full disk, the folder gone), the
+    results are printed on stdout before the error is raised, so the evaluation is not lost."""
+    try:
+        write_json_atomic(results, path, replace)
+    except OSError as e:
+        json.dump(results, sys.stdout, indent=2, ensure_ascii=False)
+        print(flush=True)
+        raise OSError(e.errno, f"{e.strerror or e}; the results are printed on stdout instead",
+                      e.filename or path) from None
 
 
 if __name__ == "__main__":

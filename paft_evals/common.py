@@ -5,11 +5,10 @@ scalar metrics, `n` (how many items were scored) and a few `samples` to read.
 """
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from engine.safeio import is_clean_text, read_text
+from engine.safeio import parse_json, read_text
 from engine.generate import prompt_text
 
 
@@ -55,12 +54,7 @@ def read_jsonl(path: str) -> list[dict]:
     for n, line in enumerate(read_text(path).split("\n"), 1):  # read_text: not UTF-8 is an error naming the file
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {n}: not valid JSON ({e})") from None
-        if not is_clean_text(row):
-            raise ValueError(f"{path} line {n}: holds a lone surrogate (\\ud800-\\udfff), not text")
+        row = parse_json(line, f"{path} line {n}")  # not JSON, a lone surrogate, nested too deep: an error naming it
         if not isinstance(row, dict):
             raise ValueError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
         rows.append(row)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from engine.safeio import write_text
+from engine.writes import write_text
 
 
 @dataclass

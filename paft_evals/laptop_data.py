@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from engine.safeio import write_text
+from engine.writes import write_text
 
 SHAREGPT_ROWS = 800
 

@@ -16,19 +16,16 @@ import os
 
 import torch
 
+from engine.adapter_config import read_adapter_config
 from engine.lora import CONFIG_FILE, load_adapter, merge_lora
-from engine.safeio import read_json
 from engine.models import load_model_and_tokenizer
 from engine.recipe import ModelConfig
 
 
 def adapter_base(adapter_dir: str) -> str:
-    """base_model_name_or_path from an adapter's config."""
+    """base_model_name_or_path from an adapter's config (checked whole before the base is loaded)."""
     path = os.path.join(adapter_dir, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: adapter config not found")
-    raw = read_json(path)  # damaged: one error naming the file
-    name = raw.get("base_model_name_or_path") if isinstance(raw, dict) else None
+    name = read_adapter_config(adapter_dir)["base_model_name_or_path"]  # damaged or mistyped: one error naming it
     if not name:
         raise ValueError(f"{path}: no base_model_name_or_path; pass --base NAME")
     return name

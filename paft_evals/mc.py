@@ -42,12 +42,12 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 
 import torch
 
 from engine.data.batches import collate
 from engine.losses import IGNORE, hidden_states, sequence_logps
+from engine.safeio import read_json
 from paft_evals.common import EvalArgs, eval_mode, first, need_data, read_jsonl, stderr
 
 
@@ -87,8 +87,7 @@ def jsonl_items(path: str) -> list[dict]:
 
 def bigbench_items(path: str) -> tuple[list[dict], int]:
     """A BIG-bench task.json -> (items as jsonl_items gives them, number of skipped examples)."""
-    with open(path, encoding="utf-8") as f:
-        task = json.load(f)
+    task = read_json(path)  # engine.safeio: a BOM is dropped; not JSON or nested too deep is one error naming it
     if not isinstance(task, dict) or not isinstance(task.get("examples"), list):
         raise ValueError(f"{path}: not a BIG-bench task (no \"examples\" list)")
     prefix = task.get("task_prefix", "")

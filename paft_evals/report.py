@@ -14,11 +14,13 @@ metric (paft_evals.tasks.HEADLINE) and, where present, the DPO reward accuracy.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
-from engine.safeio import write_text
+from engine.commands import run_command
+from engine.outputs import claim_output
+from engine.safeio import read_json
+from engine.writes import atomic_file, write_text
 from paft_evals.tasks import HEADLINE, task_of
 
 MISSING = "–"
@@ -103,7 +105,8 @@ def bar_chart(rows: list[dict], columns: list[str], path: str, title: str) -> No
     if rows:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_file(path) as tmp:  # whole or not at all, as every file the engine writes
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -129,16 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--columns", default=None, help="comma-separated task/metric columns (default: headlines)")
     p.add_argument("--title", default="Evaluation results")
     a = p.parse_args(argv)
-    try:
+
+    def report() -> dict:
         rows = []
         for path in a.results:
-            with open(path, encoding="utf-8") as f:
-                rows.append(flatten(json.load(f)))
+            rows.append(flatten(read_json(path)))  # engine.safeio: damaged or too deep is one error naming it
         columns = [c.strip() for c in a.columns.split(",") if c.strip()] if a.columns else default_columns(rows)
-        paths = write_report(rows, columns, a.out, a.title)
-    except (OSError, ValueError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        with claim_output(a.out, "python -m paft_evals.report"):  # one report at a time into --out
+            return write_report(rows, columns, a.out, a.title)
+    status, paths = run_command(report, f"the report stopped; {a.out} holds no half-written file")
+    if status:
+        return status
     print(f"report: wrote {paths['markdown']} and {paths['png']}")
     return 0
 

@@ -113,12 +113,17 @@ def test_export_refuses_an_existing_out_unless_overwrite(adapter, tmp_path, caps
     (out / "mine.txt").write_text("keep")
     assert export_main([adapter, "--out", str(out), "--base", "original"]) == 2
     assert "already exists" in capsys.readouterr().err and os.listdir(out) == ["mine.txt"]
+    # --overwrite replaces a model folder only: one holding a file of the user's is refused, naming it
+    assert export_main([adapter, "--out", str(out), "--base", "original", "--overwrite"]) == 2
+    assert "mine.txt" in capsys.readouterr().err and os.listdir(out) == ["mine.txt"]
+    (out / "mine.txt").unlink()
+    (out / "model.safetensors").write_text("an older export")
     assert export_main([adapter, "--out", str(out), "--base", "original", "--overwrite"]) == 0
-    assert (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").stat().st_size > 1000
     f = tmp_path / "a_file"
     f.write_text("x")
     assert export_main([adapter, "--out", str(f), "--base", "original", "--overwrite"]) == 2
-    assert "is a file" in capsys.readouterr().err and f.read_text() == "x"
+    assert "not a directory" in capsys.readouterr().err and f.read_text() == "x"
 
 
 # ---------------------------------------------------------------------------- merge

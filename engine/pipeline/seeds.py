@@ -25,7 +25,7 @@ import os
 import shutil
 
 from engine.pipeline.table import PAPER_COLUMNS
-from engine.safeio import atomic_write, write_json
+from engine.writes import atomic_write, write_json
 from paft_evals.findings import FindingsConfig, add_scores, claims, default_groups, mean_se, render, write_findings
 from paft_evals.report import default_columns, write_report
 

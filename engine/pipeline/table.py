@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from engine.safeio import write_json
+from engine.writes import write_json
 from paft_evals.report import write_report
 
 
