@@ -23,6 +23,7 @@ import types
 import typing
 from typing import Any, Literal, Union
 
+from engine.outputs import OutputError, check_writable
 from engine.safeio import CorruptFile, UnsafeInput, parse_yaml
 
 
@@ -34,17 +35,16 @@ FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
 
 def check_output_dir(path: str, key: str) -> None:
-    """An output directory must be a directory, or not exist yet under a directory (checked before any work)."""
+    """An output directory must be a directory we may write in, or one we may create (checked before any
+    work): engine.outputs.check_writable's checks, as a RecipeError naming the key."""
     if path == "":
         raise RecipeError(f"{key}: must not be empty")
+    try:
+        check_writable(path, key, "dir")
+    except OutputError as e:
+        raise RecipeError(str(e)) from None
     here = os.path.abspath(os.path.expanduser(path))
-    if os.path.exists(here) and not os.path.isdir(here):
-        raise RecipeError(f"{key}: {path} exists and is not a directory")
-    while not os.path.exists(here):  # the nearest existing ancestor must be a directory we may write in
-        here = os.path.dirname(here)
-    if not os.path.isdir(here):
-        raise RecipeError(f"{key}: {path} cannot be created: {here} is a file")
-    if not os.access(here, os.W_OK | os.X_OK):
+    if os.path.isdir(here) and not os.access(here, os.W_OK | os.X_OK):  # a run writes inside it, too
         raise RecipeError(f"{key}: {path}: {here} is not writable")
 
 
