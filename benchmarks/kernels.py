@@ -1,21 +1,32 @@
 """Kernel benchmarks, one section per kernel family.
 
-    python -m benchmarks.kernels --only lora_linear [--out x.json] [--write-routes]   # on a GPU
+    python -m benchmarks.kernels --only lora_linear [--out x.json] [--write-routes [--routes-out R.json]]  # GPU
     python -m benchmarks.kernels --only lora_linear --dry-run                         # CPU rehearsal
+    python -m benchmarks.kernels --write-routes FROM.json [--routes-out R.json]       # route table from a result
 
 Sections
   lora_linear   y = x Wᵀ + s·x Aᵀ Bᵀ fwd+bwd (gradients for x, A, B; W frozen), bf16, at Llama-2-7B and
-                Llama-3-8B projection shapes, r ∈ {16, 64}, seq 512 / 2048 / 8192 (4k, 8k, 32k tokens
+                Llama-3-8B projection shapes, r ∈ {16, 64}, seq 2048 / 512 / 8192 (8k, 4k, 32k tokens
                 per micro-batch). Each point: the base GEMM alone (the floor), peft's LoRA layer, the
-                `cublas` route and the `triton` route, timed by CUDA events (triton.testing.do_bench),
-                each with its launch counters (which code really ran), peak memory and, for triton, the
-                autotuner's picks. Targets (judged on a GPU only): best route ≤ 1.15× base, peft ≥ 1.3×
-                the best route. --write-routes turns a GPU run into paft_kernels/routes/lora_linear_<gpu>.json,
-                the table train.kernels=auto follows.
+                `cublas` and `triton` routes on peft's bf16 factors, and both routes as training runs
+                them (`train_cublas`, `train_triton`: fp32 factors, bf16 activations under bf16
+                autocast, engine/lora.py's master copy), timed by CUDA events (triton.testing.do_bench),
+                each with its launch counters (which code really ran), peak memory (one more, untimed
+                call: do_bench's 256 MiB L2-flush buffer and the autotuner's trials are not in it) and,
+                for triton, the autotuner's pick per kernel role (xa, fwd, dyB, dx, dA). Targets (judged
+                on a GPU only): best route ≤ 1.15× base, peft ≥ 1.3× the best route. --write-routes
+                turns a GPU result into the table train.kernels=auto follows (paft_kernels/routes/
+                lora_linear_<gpu>.json, or --routes-out), chosen on the training pair where measured.
   prox_l1       benchmarks/kernels_prox.py;  nf4_dequant  benchmarks/nf4_dequant.py (their own files).
 
 Without CUDA no number is produced: --dry-run runs every lora point's code on tiny fp32 shapes on the
-CPU (the triton route too when TRITON_INTERPRET=1) so the script is rehearsed, and says so in its JSON.
+CPU (the training pair under bf16 autocast; the triton route too when TRITON_INTERPRET=1) so the script
+is rehearsed, and says so in its JSON.
+
+The JSON is rewritten (atomically) after every point, with "complete": false until the last, so a run
+killed by its time limit keeps every point it finished. --budget-s counts from this process's start
+(imports included) or run_gpu.sh's PAFT_BENCH_DEADLINE, whichever ends first; a point starts only if
+the slowest point so far still fits.
 """
 from __future__ import annotations
 
@@ -29,39 +40,13 @@ import time
 import torch
 import torch.nn as nn
 
-from benchmarks.common import device_slug, gpu_driver, write_json
+from benchmarks.common import deadline, device_slug, gpu_driver, seconds_left, write_json
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 NO_CUDA = "no CUDA device: GPU kernel benchmark not run"
 
 
 # ----------------------------------------------------------------------------- shared helpers
-
-
-
-def cuda_time_ms(fn, iters: int, warmup: int, setup=None) -> float:
-    """Median milliseconds of fn() over `iters` runs, timed with CUDA events around each call.
-
-    `setup` (untimed) runs before every call, e.g. to clear .grad so that backward writes
-    gradients instead of accumulating into them.
-    """
-    for _ in range(warmup):
-        if setup:
-            setup()
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        if setup:
-            setup()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
 
 def cpu_time_ms(fn, iters: int, warmup: int, setup=None) -> float:
     for _ in range(warmup):
@@ -78,18 +63,6 @@ def cpu_time_ms(fn, iters: int, warmup: int, setup=None) -> float:
     return statistics.median(times)
 
 
-def merge_results(path: str, key: str, value: dict) -> None:
-    """Set results[key] = value in the JSON file at `path` (created if missing), atomically."""
-    data = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            data = json.load(f)
-    data[key] = value
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    write_json(data, path)
-    print(f"wrote {path} [{key!r}]")
-
-
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
 
@@ -97,24 +70,28 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- section: lora_linear
 # Points: (model, projection family, K = in, N = out) at r ∈ LORA_RANKS and (seq, rows) ∈ LORA_SEQS,
 # fwd+bwd (gradients for x, A, B; W frozen), bf16. Systems at each point:
-#   base     F.linear(x, W) and its dx = dy W alone: the physical floor (no LoRA at all)
-#   peft     peft.tuners.lora.Linear around the same frozen nn.Linear (dropout 0: peft skips it)
-#   cublas   paft_kernels.lora_linear route "cublas" (torch GEMM + in-place addmm_)
-#   triton   paft_kernels.lora_linear route "triton" (the fused, autotuned kernels)
+#   base          F.linear(x, W) and its dx = dy W alone: the physical floor (no LoRA at all)
+#   peft          peft.tuners.lora.Linear around the same frozen nn.Linear (dropout 0: peft skips it)
+#   cublas        paft_kernels.lora_linear route "cublas" (torch GEMM + in-place addmm_), peft's bf16 factors
+#   triton        paft_kernels.lora_linear route "triton" (the fused, autotuned kernels), peft's bf16 factors
+#   train_cublas  route "cublas" as training runs it: fp32 factors (engine/lora.py's master copy), bf16 x
+#   train_triton  and route "triton" so; under bf16 autocast, as engine/train.py runs its step
 # Every system's launch counters (paft_kernels.lora_linear.ROUTE_CALLS / lora_triton.LAUNCHES) are recorded with its
-# time, so a silent fallback would show; so are the peak memory and the autotuner's picks.
+# time, so a silent fallback would show; so are the peak memory and the autotuner's picks per kernel role.
 
 LORA_SHAPES = [("llama2-7b", "q/k/v/o_proj", 4096, 4096), ("llama2-7b", "gate/up_proj", 4096, 11008),
                ("llama2-7b", "down_proj", 11008, 4096), ("llama3-8b", "k/v_proj", 4096, 1024),
                ("llama3-8b", "gate/up_proj", 4096, 14336), ("llama3-8b", "down_proj", 14336, 4096)]
 # (llama3-8b's q/o_proj is 4096 -> 4096, the same GEMM as llama2-7b's: measured once)
 LORA_RANKS = [16, 64]
-LORA_SEQS = [(2048, 4), (512, 8), (8192, 4)]  # (seq, rows): 8k, 4k and 32k tokens per micro-batch
-DRY_SHAPES = [("tiny", "proj", 48, 40), ("tiny", "up", 48, 72)]
+LORA_SEQS = [(2048, 4), (512, 8), (8192, 4)]  # (seq, rows): 8k first (the route table's), then 4k and 32k tokens
+DRY_SHAPES = [("tiny", "proj", 48, 40), ("tiny", "square", 48, 48)]  # square: fwd and dx share every size
 DRY_SEQS = [(16, 2)]
 DRY_RANKS = [4]
 FUSED_OVER_BASE_MAX = 1.15  # issue 13 targets, judged on a GPU only: best route fwd+bwd / base
 PEFT_OVER_FUSED_MIN = 1.3   # peft fwd+bwd / best route
+SYSTEMS = ("base", "peft", "cublas", "triton", "train_cublas", "train_triton")
+TRAIN_ROUTES = ("train_cublas", "train_triton")  # what training runs: the route table is chosen among these
 
 
 def _peft_layer(K: int, N: int, r: int, alpha: float, dtype, device):
@@ -134,14 +111,20 @@ def _peft_layer(K: int, N: int, r: int, alpha: float, dtype, device):
 
 
 def environment() -> dict:
-    """What the numbers were measured with: GPU, driver, torch, triton (recorded in every JSON)."""
+    """What the numbers were measured with: GPU, driver, torch, triton, peft (recorded in every JSON)."""
     import platform
+    from importlib import metadata
     env = {"torch": torch.__version__, "python": platform.python_version(), "cuda": torch.version.cuda}
     try:
         import triton
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
+    for pkg in ("peft", "transformers", "numpy"):
+        try:
+            env[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            env[pkg] = None
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
         env["driver"] = gpu_driver()
@@ -168,59 +151,89 @@ def _lora_point(K, N, r, M, dtype, device, timer, triton_ok: bool) -> dict:
     W = peft_layer.base_layer.weight                 # (N, K) frozen
     A = peft_layer.lora_A["default"].weight          # (r, K) trainable: the same tensors for every system
     B = peft_layer.lora_B["default"].weight          # (N, r)
+    A32 = A.detach().float().requires_grad_()        # the same values as training's fp32 master factors
+    B32 = B.detach().float().requires_grad_()
     s = peft_layer.scaling["default"]
     x = torch.randn(M, K, dtype=dtype, device=device, requires_grad=True)  # dx wanted, as inside a network
     dy = torch.randn(M, N, dtype=dtype, device=device)
+    dy16 = dy.to(torch.bfloat16)
+    amp = lambda: torch.autocast(device, dtype=torch.bfloat16)  # noqa: E731 - engine/train.py's autocast
+
+    def train(route):
+        def run():
+            with amp():
+                return lora_linear(x, W, None, A32, B32, s, 0.0, True, backend=route)
+        return run
     systems = {
         "base": lambda: torch.nn.functional.linear(x, W),
         "peft": lambda: peft_layer(x),
         "cublas": lambda: lora_linear(x, W, None, A, B, s, 0.0, True, backend="cublas"),
         "triton": lambda: lora_linear(x, W, None, A, B, s, 0.0, True, backend="triton"),
+        "train_cublas": train("cublas"),
+        "train_triton": train("triton"),
     }
     with torch.no_grad():
         ref = peft_layer(x)
     row = {"K": K, "N": N, "r": r, "tokens": M, "systems": {}}
     for name, fn in systems.items():
-        if name == "triton" and not triton_ok:
+        if name.endswith("triton") and not triton_ok:
             row["systems"][name] = {"status": "not run: the Triton route needs CUDA or TRITON_INTERPRET=1"}
             continue
         try:
             with torch.no_grad():
                 err = rel_err(fn(), ref) if name != "base" else None
-            step = lambda: fn().backward(dy)
+
+            def step():
+                y = fn()
+                y.backward(dy if y.dtype == dy.dtype else dy16)  # autocast's output is bf16 (CPU dry run too)
 
             def clear():
-                x.grad = A.grad = B.grad = None
+                x.grad = A.grad = B.grad = A32.grad = B32.grad = None
 
-            if device == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
+            LT.PICKS.clear()
             before = _counters()
             ms = timer(step, clear)
             res = {"status": "ok", "fwd_bwd_ms": ms, "launches": _delta(before, _counters()),
                    "rel_err_vs_peft": err}
+            if name.endswith("triton"):
+                res["picks"] = {role: dict(v) for role, v in LT.PICKS.items()}
             if device == "cuda":
-                res["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
-            if name == "triton":
-                res["configs"] = {k: dict(v) for k, v in LT.LAST_CONFIG.items()}
+                res.update(_peak_memory(step, clear))
             row["systems"][name] = res
         except Exception as e:  # one system's failure loses its own cell only
             row["systems"][name] = {"status": f"failed: {type(e).__name__}: {e}"[:300]}
     ok = {n: v["fwd_bwd_ms"] for n, v in row["systems"].items() if v.get("status") == "ok"}
-    routes = {n: t for n, t in ok.items() if n in ("cublas", "triton")}
-    if "base" in ok and routes:
-        best = min(routes, key=routes.get)
-        row["best_route"] = best
-        row["best_over_base"] = routes[best] / ok["base"]
-        if "peft" in ok:
-            row["peft_over_best"] = ok["peft"] / routes[best]
+    for suffix, pair in (("", ("cublas", "triton")), ("_train", TRAIN_ROUTES)):
+        routes = {n: t for n, t in ok.items() if n in pair}
+        if "base" in ok and routes:
+            best = min(routes, key=routes.get)
+            row["best_route" + suffix] = best.removeprefix("train_")
+            row["best_over_base" + suffix] = routes[best] / ok["base"]
+            if "peft" in ok:
+                row["peft_over_best" + suffix] = ok["peft"] / routes[best]
     row["flops"] = 4 * M * N * K + 6 * M * r * (N + K)  # y and dx of the base, plus LoRA's six skinny GEMMs
     return row
 
 
+def _peak_memory(step, clear) -> dict:
+    """Peak CUDA memory of one more, untimed fwd+bwd (after timing, so the autotuner has picked already):
+    do_bench's L2-flush buffer and the autotuner's trial runs are not in it."""
+    clear()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return {"peak_mem_mib": peak / 2 ** 20, "peak_extra_mib": (peak - base) / 2 ** 20,
+            "mem_method": "max_memory_allocated over one untimed fwd+bwd after timing"}
+
+
 def bench_lora_linear(args) -> dict:
-    """The LoRA linear routes vs peft vs the base GEMM. Returns the section's JSON."""
+    """The LoRA linear routes vs peft vs the base GEMM. Returns the section's JSON, which it also writes
+    to `args.out` after every point."""
     import importlib.util
+    end = deadline(args.budget_s)  # counted from this process's start (imports included)
     cuda = torch.cuda.is_available() and not args.dry_run
     interp = os.environ.get("TRITON_INTERPRET") == "1"
     triton_ok = importlib.util.find_spec("triton") is not None and (cuda or interp)
@@ -245,25 +258,45 @@ def bench_lora_linear(args) -> dict:
         def timer(step, clear):
             return cpu_time_ms(step, 3, 1, setup=clear)
         timing = "CPU wall clock (dry run: rehearses the script, not a benchmark)"
-    t0 = time.perf_counter()
-    rows, skipped = [], []
+    env = environment()
+    path = args.out
+    if path is None and cuda:
+        path = os.path.join(RESULTS_DIR, f"kernels_lora_{device_slug(env['gpu'])}.json")
+    doc = {"benchmark": "kernels_lora", "dry_run": not cuda, "complete": False, "environment": env,
+           "dtype": str(dtype).removeprefix("torch."), "timing": timing, "lora_dropout": 0.0,
+           "systems": {"cublas/triton": "peft's bf16 factors (a variant training never launches; the sm_90 "
+                                        "compile specs cover fp32 factors)",
+                       "train_cublas/train_triton": "fp32 factors, bf16 x under bf16 autocast: what training runs "
+                                                    "(the route table's pair; compile-checked for sm_90)"},
+           "targets": {"best_over_base_max": FUSED_OVER_BASE_MAX, "peft_over_best_min": PEFT_OVER_FUSED_MIN,
+                       "judged": "on a GPU run only" if cuda else "not judged (dry run)"},
+           "source": os.path.basename(path) if path else None, "rows": [], "skipped": []}
+    t0, slowest = time.perf_counter(), 0.0
     for (seq, rows_per_batch) in seqs:
         for r in ranks:
             for model, family, K, N in shapes:
                 point = dict(model=model, family=family, seq=seq, rows=rows_per_batch)
-                if time.perf_counter() - t0 > args.budget_s:
-                    skipped.append({**point, "K": K, "N": N, "r": r, "status": f"skipped: {args.budget_s}s budget"})
+                left = seconds_left(end)
+                if left < 1.2 * slowest + 2:  # the slowest point so far would not fit: it would be killed half-way
+                    doc["skipped"].append({**point, "K": K, "N": N, "r": r,
+                                           "status": f"skipped: {left:.0f} s of the budget left"})
                     continue
+                t_point = time.perf_counter()
                 row = {**point, **_lora_point(K, N, r, seq * rows_per_batch, dtype, device, timer, triton_ok)}
-                rows.append(row)
+                slowest = max(slowest, time.perf_counter() - t_point)
+                doc["rows"].append(row)
                 _print_row(row)
+                doc["wall_s"] = round(time.perf_counter() - t0, 1)
+                if path:
+                    write_json(doc, path)  # after every point: a killed run keeps what it finished
                 if cuda:
                     torch.cuda.empty_cache()
-    return {"benchmark": "kernels_lora", "dry_run": not cuda, "environment": environment(),
-            "dtype": str(dtype).removeprefix("torch."), "timing": timing, "lora_dropout": 0.0,
-            "targets": {"best_over_base_max": FUSED_OVER_BASE_MAX, "peft_over_best_min": PEFT_OVER_FUSED_MIN,
-                        "judged": "on a GPU run only" if cuda else "not judged (dry run)"},
-            "wall_s": round(time.perf_counter() - t0, 1), "rows": rows, "skipped": skipped}
+    doc["complete"] = True
+    doc["wall_s"] = round(time.perf_counter() - t0, 1)
+    if path:
+        write_json(doc, path)
+        print(f"wrote {path} ({len(doc['rows'])} points, {len(doc['skipped'])} skipped)")
+    return doc
 
 
 def _do_bench(step, clear, args) -> float:
@@ -277,30 +310,43 @@ def _do_bench(step, clear, args) -> float:
 
 def _print_row(row: dict) -> None:
     cells = []
-    for name in ("base", "peft", "cublas", "triton"):
+    for name in SYSTEMS:
         v = row["systems"].get(name, {})
-        cells.append(f"{name} {v['fwd_bwd_ms']:8.3f}" if v.get("status") == "ok" else f"{name} {'-':>8}")
-    extra = f" best={row.get('best_route')} {row.get('best_over_base', float('nan')):.2f}× base" if "best_route" in row else ""
+        cells.append(f"{name} {v['fwd_bwd_ms']:7.3f}" if v.get("status") == "ok" else f"{name} {'-':>7}")
+    extra = "".join(f" best{sfx}={row['best_route' + sfx]} {row['best_over_base' + sfx]:.2f}× base"
+                    for sfx in ("", "_train") if "best_route" + sfx in row)
     print(f"{row['model']:>10} {row['family']:>13} {row['K']:>5}→{row['N']:<5} r={row['r']:<3} "
           f"tokens={row['tokens']:<6} | " + " | ".join(cells) + extra, flush=True)
+    for name in SYSTEMS:
+        status = row["systems"].get(name, {}).get("status", "ok")
+        if status != "ok":
+            print(f"{'':>12}{name}: {status}", flush=True)
 
 
 def write_routes(result: dict, path: str | None = None) -> str:
-    """paft_kernels/routes/lora_linear_<gpu>.json from a GPU result: per (K, N, r), the route faster at the
-    8k-token point (seq 2048), for `auto` to follow. Refuses a dry run."""
-    if result.get("dry_run") or not result["environment"].get("gpu"):
-        raise SystemExit("--write-routes: needs a GPU result (this is a dry run)")
+    """The route table train.kernels=auto follows, from a GPU result: per (K, N, r), the route faster at the
+    8k-token point (seq 2048), between the training pair (fp32 factors under bf16 autocast) where measured,
+    else between cublas and triton on bf16 factors. Default path paft_kernels/routes/lora_linear_<gpu>.json.
+    Refuses a dry run or a result without a GPU (ValueError, one line)."""
+    env = result.get("environment") or {}
+    if result.get("benchmark") != "kernels_lora":
+        raise ValueError("--write-routes: not a kernels_lora result (benchmark field)")
+    if result.get("dry_run") or not env.get("gpu"):
+        raise ValueError("--write-routes: needs a GPU result (this one is a dry run or has no GPU)")
     from paft_kernels.utils import ROUTES_DIR, _slug
-    gpu = result["environment"]["gpu"]
+    gpu = env["gpu"]
     routes = []
-    for row in result["rows"]:
-        if row["seq"] == 2048 and "best_route" in row:
+    for row in result.get("rows", []):
+        sfx = "_train" if "best_route_train" in row else ""
+        if row.get("seq") == 2048 and "best_route" + sfx in row:
             routes.append({"K": row["K"], "N": row["N"], "r": row["r"], "dtype": result["dtype"],
-                           "route": row["best_route"], "tokens": row["tokens"]})
+                           "route": row["best_route" + sfx], "tokens": row["tokens"],
+                           "factors": "fp32 (training)" if sfx else "bf16"})
+    if not routes:
+        raise ValueError("--write-routes: the result has no measured seq-2048 point with a best route")
     path = path or os.path.join(ROUTES_DIR, f"lora_linear_{_slug(gpu)}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    doc = {"device": gpu, "measured_from": result.get("source", "benchmarks.kernels lora_linear"),
-           "environment": result["environment"], "routes": routes}
+    doc = {"device": gpu, "measured_from": result.get("source") or "benchmarks.kernels lora_linear",
+           "complete": result.get("complete", True), "environment": env, "routes": routes}
     write_json(doc, path)
     print(f"wrote {path} ({len(routes)} shapes)")
     return path
@@ -323,6 +369,18 @@ def bench_nf4_dequant(args) -> None:
 SECTIONS = {"lora_linear": bench_lora_linear, "prox_l1": bench_prox_and_l1, "nf4_dequant": bench_nf4_dequant}
 
 
+def routes_from_json(src: str, out: str | None) -> int:
+    """--write-routes FROM.json: the route table from a returned result, here, without a GPU."""
+    try:
+        with open(src) as f:
+            result = json.load(f)
+        write_routes(result, out)
+    except (OSError, json.JSONDecodeError, ValueError, KeyError, TypeError) as e:
+        print(f"error: --write-routes {src}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Kernel benchmarks: " + ", ".join(SECTIONS))
     ap.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run only these sections")
@@ -330,32 +388,33 @@ def main(argv=None) -> int:
                     help="tiny shapes on the CPU (torch and cublas routes; triton under TRITON_INTERPRET=1): "
                          "rehearses the script, measures nothing")
     ap.add_argument("--smoke", action="store_true", help="GPU: only the seq-2048, r=16 points")
-    ap.add_argument("--budget-s", type=float, default=150.0, help="lora_linear: start no new point after this")
+    ap.add_argument("--budget-s", type=float, default=150.0,
+                    help="lora_linear: seconds from this process's start after which no new point starts")
     ap.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up per measurement")
     ap.add_argument("--rep-ms", type=float, default=100.0, help="do_bench measuring time per measurement")
     ap.add_argument("--iters", type=int, default=20, help="(prox_l1, nf4_dequant) timed iterations")
     ap.add_argument("--warmup", type=int, default=5, help="(prox_l1, nf4_dequant) untimed iterations")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for the dry run")
-    ap.add_argument("--out", help="lora_linear: write its JSON here (default on a GPU: "
+    ap.add_argument("--out", help="lora_linear: write its JSON here, after every point (default on a GPU: "
                                   "benchmarks/results/kernels_lora_<gpu>.json; a dry run writes only with --out)")
-    ap.add_argument("--write-routes", action="store_true",
-                    help="lora_linear on a GPU: also write paft_kernels/routes/lora_linear_<gpu>.json for train.kernels=auto")
+    ap.add_argument("--write-routes", nargs="?", const="", metavar="FROM_JSON",
+                    help="lora_linear on a GPU: also write the route table for train.kernels=auto; with a path: "
+                         "only build that table from a kernels_lora JSON written earlier (no GPU needed)")
+    ap.add_argument("--routes-out",
+                    help="where --write-routes writes (default paft_kernels/routes/lora_linear_<gpu>.json)")
     args = ap.parse_args(argv)
+    if args.write_routes:  # a path: the table from a returned result, nothing measured
+        return routes_from_json(args.write_routes, args.routes_out)
 
     for name in args.only or list(SECTIONS):
         res = SECTIONS[name](args)
         print()
-        if name != "lora_linear":
-            continue
-        path = args.out
-        if path is None and not res["dry_run"]:
-            path = os.path.join(RESULTS_DIR, f"kernels_lora_{device_slug(res['environment']['gpu'])}.json")
-        if path:
-            res["source"] = os.path.basename(path)
-            write_json(res, path)
-            print(f"wrote {path}")
-        if args.write_routes:
-            write_routes(res)
+        if name == "lora_linear" and args.write_routes is not None:
+            try:
+                write_routes(res, args.routes_out)
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
     return 0
 
 

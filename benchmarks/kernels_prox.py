@@ -18,7 +18,9 @@ bandwidth measured in the same run (dst.copy_(src) of as many fp32 numbers: 8 by
 Times: CUDA events through triton.testing.do_bench (median); CPU: median wall time of
 interleaved calls. Each row records the code path that ran: for ours the launch counter
 paft_kernels.prox_adamw.LAUNCHES (triton / torch) over the timed calls; on CUDA also the peak
-memory the system allocated beyond the parameters and gradients.
+memory the system allocated beyond the parameters and gradients (a separate, untimed call: the timed
+calls run inside do_bench, whose 256 MiB L2-flush buffer would count otherwise). The JSON is rewritten
+after every model and every L1 shape, so a run stopped by its time limit keeps what it finished.
 
 l1: value and gradients of λ‖s·B A‖₁ at 7B MLP/attention shapes (triton, the dense autograd
 path that stores B A, the chunked torch reference).
@@ -37,7 +39,7 @@ import time
 
 import torch
 
-from benchmarks.common import cpu_model_name, device_slug, gpu_driver, write_result
+from benchmarks.common import cpu_model_name, device_slug, gpu_driver, write_json, write_result
 from paft_kernels import prox_adamw as pak
 from paft_kernels.l1_lowrank import l1_lowrank_dense, l1_lowrank_torch, l1_lowrank_triton
 from paft_kernels.prox_adamw import ProxAdamW
@@ -165,7 +167,8 @@ def bench_optimizer(model: str, device: str, dry: bool) -> dict:
     return res
 
 
-def bench_l1(device: str, dry: bool) -> dict:
+def bench_l1(device: str, dry: bool, out: dict | None = None, save=lambda: None) -> dict:
+    """Fills `out` shape by shape, calling save() after each (the caller writes its JSON then)."""
     cuda = device == "cuda"
     shapes = [(4096, 16, 4096), (11008, 16, 4096), (11008, 64, 4096)]  # (out N, rank r, in K)
     if dry or not cuda:
@@ -173,7 +176,7 @@ def bench_l1(device: str, dry: bool) -> dict:
     warmup, iters = (1, 2) if dry else ((10, 100) if cuda else (1, 3))
     scale, lam = 2.0, 1e-4
     interp = triton_interpreted()
-    out = {}
+    out = {} if out is None else out
     for N, r, K in shapes:
         gen = torch.Generator(device="cpu").manual_seed(0)
         A = (torch.randn(r, K, generator=gen) / r ** 0.5).to(device)
@@ -189,12 +192,13 @@ def bench_l1(device: str, dry: bool) -> dict:
             fns = {"triton": lambda: l1_lowrank_triton(A, B, scale, lam), **fns}
         rows = {}
         for name, fn in fns.items():
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
             rows[name] = {"ms": round(time_ms({name: fn}, device, warmup, iters)[name], 4)}
-            if cuda:
+            if cuda:  # one more, untimed call: do_bench's 256 MiB L2-flush buffer is not in the peak
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                fn()
+                torch.cuda.synchronize()
                 rows[name]["peak_extra_MiB"] = round((torch.cuda.max_memory_allocated() - base) / 2 ** 20, 1)
         if "triton" in rows:  # agreement, so the timing is of a correct kernel
             v_t, dA_t, dB_t = l1_lowrank_triton(A, B, scale, lam)
@@ -203,6 +207,7 @@ def bench_l1(device: str, dry: bool) -> dict:
             rows["triton"]["rel_err_dA"] = float((dA_t - dA_r).abs().max() / dA_r.abs().max())
             rows["triton"]["rel_err_dB"] = float((dB_t - dB_r).abs().max() / dB_r.abs().max())
         out[f"B{N}x{r}_A{r}x{K}"] = rows
+        save()
     return out
 
 
@@ -230,11 +235,20 @@ def main(argv=None) -> None:
     models = ["tiny-llama"] if args.dry_run else (["llama-2-7b"] if device == "cuda" else ["smollm2-135m", "tiny-llama"])
     if device == "cpu" and not args.dry_run:
         print("No CUDA device: CPU run (SmolLM2-135M and tiny factor lists, torch paths); no GPU numbers.")
-    res = {"benchmark": "kernels_prox", "device": device, "dry_run": args.dry_run, "environment": environment(device),
-           "optimizer": [bench_optimizer(m, device, args.dry_run) for m in models], "l1": bench_l1(device, args.dry_run)}
+    env = environment(device)
+    name = "cpu" if device == "cpu" else device_slug(env["gpu"])
+    path = args.out or os.path.join(RESULTS, f"{name}{'_dry' if args.dry_run else ''}_prox.json")
+    # written after every model and every L1 shape ("complete": false until the end): a run stopped by
+    # its time limit keeps what it measured
+    res = {"benchmark": "kernels_prox", "device": device, "dry_run": args.dry_run, "complete": False,
+           "environment": env, "optimizer": [], "l1": {}}
+    for m in models:
+        res["optimizer"].append(bench_optimizer(m, device, args.dry_run))
+        write_json(res, path)
+    bench_l1(device, args.dry_run, res["l1"], save=lambda: write_json(res, path))
+    res["complete"] = True
     _print(res)
-    name = "cpu" if device == "cpu" else device_slug(res["environment"]["gpu"])
-    write_result(res, args.out or os.path.join(RESULTS, f"{name}{'_dry' if args.dry_run else ''}_prox.json"))
+    write_result(res, path)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ packed codes + scales (NF4Tensor.nbytes(): 0.5625 or 0.516 byte/weight) and writ
 (2 or 4 byte/weight). The roofline is the copy bandwidth, measured in the same run as
 dst.copy_(src) of a 256 MiB tensor (read + write counted); "of copy" is each row's share of it.
 The outputs of the two libraries are compared bit for bit ("identical"). Every row records the
-route that ran (paft_kernels.nf4.LAUNCHES over its timed calls) and, on CUDA, the peak memory.
+route that ran (paft_kernels.nf4.LAUNCHES over its timed calls) and, on CUDA, the peak memory of one
+more, untimed call (not do_bench's 256 MiB L2-flush buffer). The JSON is rewritten after every row.
 --dry-run: small shapes, two calls, CPU: rehearses the script without a GPU (numbers meaningless).
 Writes benchmarks/results/<device>_nf4_dequant.json unless --out says otherwise.
 """
@@ -105,6 +106,18 @@ def main(argv=None) -> None:
 
     copy_gbs = copy_bandwidth(device, args.runs, args.warmup, numel=(1 << 20) if args.dry_run else 64 * 2**20)
     rows = []
+    slug = "cpu" if device.type != "cuda" else device_slug(torch.cuda.get_device_name(device))
+    path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                    f"{slug}{'_dry' if args.dry_run else ''}_nf4_dequant.json")
+    res = {
+        "benchmark": "nf4_dequant",
+        "device": device.type, "dry_run": args.dry_run, "environment": environment(device.type),
+        "torch": torch.__version__,
+        "bitsandbytes": bnb_version,
+        "runs": args.runs, "warmup": args.warmup,
+        "copy_GB_per_s": round(copy_gbs, 2),
+        "complete": False, "rows": rows,
+    }
     torch.manual_seed(0)
     for shape in (DRY_SHAPES if args.dry_run else SHAPES):
         w = (torch.randn(shape, device=device) * 0.02).to(out_dtype)
@@ -127,10 +140,6 @@ def main(argv=None) -> None:
                                    "to_bnb": None if bnb_out is None else bool(torch.equal(out, bnb_out))}
             for name, fn in impls:
                 before = dict(nf4.LAUNCHES)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
                 (t,) = time_medians([fn], device, args.runs, args.warmup)
                 gbs = moved / t / 1e9
                 row = {"shape": list(shape), "double_quant": dq, "impl": name, "out_dtype": str(out_dtype),
@@ -138,27 +147,22 @@ def main(argv=None) -> None:
                        "bytes_moved": moved, "identical": identical[name],
                        "paft_kernels.nf4 launches": {k: v - before[k] for k, v in nf4.LAUNCHES.items() if v - before[k]}
                        if name.startswith("ours") else None}
-                if device.type == "cuda":
+                if device.type == "cuda":  # one more, untimed call: not do_bench's L2-flush buffer
+                    torch.cuda.synchronize()
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                    fn()
+                    torch.cuda.synchronize()
                     row["peak_extra_MiB"] = round((torch.cuda.max_memory_allocated() - base) / 2 ** 20, 1)
                 rows.append(row)
+                write_json(res, path)  # after every row: a run stopped by its time limit keeps them
 
-    res = {
-        "benchmark": "nf4_dequant",
-        "device": device.type, "dry_run": args.dry_run, "environment": environment(device.type),
-        "torch": torch.__version__,
-        "bitsandbytes": bnb_version,
-        "runs": args.runs, "warmup": args.warmup,
-        "copy_GB_per_s": round(copy_gbs, 2),
-        "rows": rows,
-    }
     print(f"\nNF4 dequantization -> {out_dtype}, {device}; copy bandwidth {copy_gbs:.1f} GB/s\n")
     print(f"{'shape':>12} {'DQ':>3} {'impl':<24} {'ms':>9} {'GB/s':>8} {'of copy':>8} {'identical':>9}")
     for r in rows:
         print(f"{'x'.join(map(str, r['shape'])):>12} {'y' if r['double_quant'] else 'n':>3} {r['impl']:<24} "
               f"{r['ms']:>9.3f} {r['GB_per_s']:>8.1f} {r['share_of_copy']:>8.0%} {str(r['identical']['to_bnb']):>9}")
-    slug = "cpu" if device.type != "cuda" else device_slug(torch.cuda.get_device_name(device))
-    path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                    f"{slug}{'_dry' if args.dry_run else ''}_nf4_dequant.json")
+    res["complete"] = True
     write_json(res, path)
     print(f"\nwrote {path}")
 

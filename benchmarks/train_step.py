@@ -17,6 +17,11 @@ the same token ids, in the same order:
             backward, grad-norm clip at 1.0, the finiteness checks, the optimizer step,
             zero_grad. The optimizer is the recipe default that engine.optim.build_optimizer
             returns: ProxAdamW, AdamW's update over one flat buffer of the factors.
+            train.kernels=auto, as a recipe leaves it: on CUDA the route table's choice per
+            shape, or cublas where no table was measured (the row records the routes and why).
+    ours_triton  the same with train.kernels=triton: the fused LoRA kernels (and the Triton
+            optimizer step) end to end. Both rows record the LoRA linear routes that ran, the
+            Triton launches and the optimizer's route, counted over the timed steps.
     hf      a plain loop as a transformers + peft user writes it (SFT only):
             loss = peft_model(input_ids, attention_mask=..., labels=...).loss; the same
             backward / clip / AdamW. QLoRA: the model loaded with bitsandbytes 4-bit
@@ -27,10 +32,12 @@ the same token ids, in the same order:
             (SFT: input_ids + labels, which TRL takes as is; DPO: prompt_ids / chosen_ids /
             rejected_ids, the columns TRL's own tokenization makes, so that step is skipped).
             QLoRA: the bitsandbytes model; TRL runs prepare_model_for_kbit_training on it.
-    liger   GPU only. SFT: the `hf` loop on a model patched by liger_kernel (RMSNorm,
+    liger   SFT: the `hf` loop on a model patched by liger_kernel (RMSNorm,
             RoPE, SwiGLU and the fused linear cross-entropy). DPO: TRL's DPOTrainer with
             use_liger_kernel=True (TRL 1.16 applies Liger's layer kernels; it has no fused
-            DPO loss option). On CPU it is recorded as "n/a": Liger's kernels are Triton.
+            DPO loss option). On CPU it is rehearsed up to its first step where liger_kernel is
+            installed (Liger's kernels do not run under the Triton interpreter: the row says
+            "rehearsed"), and recorded as "n/a" where it is not.
 
 The same for everyone: LoRA r=16, alpha=32, dropout 0 (so no random masks stand
 between the systems) on all seven projections, A from engine.lora's seeded init
@@ -92,6 +99,12 @@ nvidia-h200.json; --out DIR writes DIR/<device>.json instead), merged with the r
 already there; `python -m benchmarks.report` turns these files into the table in docs/BENCHMARKS.md
 and a PNG chart.
 
+Time limits (run_gpu.sh sets them): --budget-s counts from this process's start (or
+PAFT_BENCH_DEADLINE, an epoch second, whichever ends first); each child gets at most
+PAFT_BENCH_SYSTEM_TIMEOUT_S (--system-timeout-s) and never more than is left. The result file is
+rewritten after the setup and after every system, so a run killed half-way keeps every system that
+finished; a timed-out or failed child's last lines of output are printed.
+
 Files: this one is the parent (command line, plan, one child process per system,
 summary); benchmarks/train_step_setup.py holds the configurations, the model, FLOP
 count, LoRA init and data every system shares; benchmarks/train_step_children.py
@@ -101,14 +114,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from benchmarks.common import deadline, seconds_left
 
 # Config, CONFIGS and the shared pieces live in train_step_setup; they are imported here by name,
 # so `from benchmarks.train_step import CONFIGS, step_flops, ...` keeps working.
@@ -134,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"),
                     help="results directory; the run is merged into <out>/<device>.json")
+    ap.add_argument("--budget-s", type=float, help="seconds from this process's start; a system that would "
+                    "start with less than 10 s left is skipped (default: no limit)")
+    ap.add_argument("--system-timeout-s", type=float, help="seconds each child may take (default: "
+                    "$PAFT_BENCH_SYSTEM_TIMEOUT_S, else no limit; the setup child twice that)")
     ap.add_argument("--dry-run", action="store_true",
                     help="build the model config on the meta device, count parameters and FLOPs, print the plan")
     ap.add_argument("--child", choices=("setup",) + SYSTEMS, help=argparse.SUPPRESS)  # internal: one child process
@@ -158,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(json.dumps(dry_run(cfg), indent=1))
         return 0
-    return run_benchmark(cfg, args.out)
+    cap = args.system_timeout_s or float(os.environ.get("PAFT_BENCH_SYSTEM_TIMEOUT_S", 0)) or None
+    return run_benchmark(cfg, args.out, end=deadline(args.budget_s), system_cap=cap)
 
 
 def resolve_config(args) -> Config:
@@ -199,70 +221,154 @@ def dry_run(cfg: Config) -> dict:
             "notes": "text-data configs: rows are at most seq tokens; random-init configs: exactly seq"}
 
 
-def run_benchmark(cfg: Config, out_dir: str) -> int:
-    """Setup child, then one child per system; merge the results into <out_dir>/<device>.json."""
+class Killed(Exception):
+    """SIGTERM (run_gpu.sh's section `timeout`): stop, record what ran, write the file, exit."""
+
+
+def _on_sigterm(signum, frame):
+    raise Killed(f"signal {signum}")
+
+
+MIN_START_S = 10  # a child that would start with less time than this left is skipped, not started
+
+
+def run_benchmark(cfg: Config, out_dir: str, end: float = float("inf"), system_cap: float | None = None) -> int:
+    """Setup child, then one child per system; the result is merged into <out_dir>/<device>.json after the
+    setup and after every system, so whatever finished is kept if this process is killed."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     workdir = tempfile.mkdtemp(prefix="paft-bench-")
+    systems = {name: {"status": "not run yet"} for name in cfg.systems}
+    setup = data = None
     try:
         plan = {"config": dataclasses.asdict(cfg), "workdir": workdir}
         plan_path = os.path.join(workdir, "plan.json")
         with open(plan_path, "w") as f:
             json.dump(plan, f)
         print(f"[{cfg.name}] setup: model, data, LoRA init, matmul ceiling", flush=True)
-        setup = _spawn("setup", plan_path)
-        if "error" in setup:
-            print(f"error: setup failed: {setup['error']}", file=sys.stderr)
+        setup = _spawn("setup", plan_path, cfg, end, 2 * system_cap if system_cap else None)
+        if setup.get("status") != "ok":
+            print(f"error: setup failed: {setup['status']}", file=sys.stderr)
             return 1
         with open(os.path.join(workdir, "data.json")) as f:
             data = json.load(f)
-        systems = {}
+        _write(cfg, out_dir, setup, data, systems)
         for system in cfg.systems:
-            if system == "liger" and cfg.device == "cpu":
-                systems[system] = {"status": LIGER_CPU}
+            if seconds_left(end) < MIN_START_S:
+                systems[system] = {"status": f"skipped: {max(0, seconds_left(end)):.0f} s of the section's budget left"}
+                print(f"[{cfg.name}] {system}: {systems[system]['status']}", flush=True)
+                continue
+            if system == "liger" and cfg.device == "cpu" and importlib.util.find_spec("liger_kernel") is None:
+                systems[system] = {"status": LIGER_CPU}  # where it is installed, the CPU row is a rehearsal
                 print(f"[{cfg.name}] {system}: {LIGER_CPU}", flush=True)
                 continue
             print(f"[{cfg.name}] {system}: running {cfg.warmup}+{cfg.steps} steps", flush=True)
-            systems[system] = _spawn(system, plan_path)
-        run = summarize(cfg, setup, data, systems)
+            systems[system] = {"status": "running"}
+            systems[system] = _spawn(system, plan_path, cfg, end, system_cap)
+            _write(cfg, out_dir, setup, data, systems)
+    except Killed as e:
+        for name, r in systems.items():
+            if r["status"] in ("not run yet", "running"):
+                systems[name] = {"status": f"failed: the section was stopped ({e}) before it finished"
+                                 if r["status"] == "running" else "skipped: the section was stopped"}
+        print(f"[{cfg.name}] stopped ({e}); writing what finished", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-
-    from benchmarks.common import device_slug, merge_run
-    slug = device_slug(setup["device_name"]) if cfg.device == "cuda" else f"cpu-{os.cpu_count()}core"
-    path = os.path.join(out_dir, f"{slug}.json")
-    merge_run(path, {"benchmark": "train_step", "device": slug}, cfg.name, run)
+        signal.signal(signal.SIGTERM, previous)
+    if setup is None or setup.get("status") != "ok":
+        return 1
+    path, run = _write(cfg, out_dir, setup, data, systems)
     print_summary(run)
     print(f"results: {path} (runs[{cfg.name!r}])")
-    failed = [s for s, r in systems.items() if r.get("status", "").startswith("failed")]
-    if failed:
-        print(f"error: {', '.join(failed)} failed (see the status fields)", file=sys.stderr)
+    bad = [s for s, r in systems.items() if not r.get("status", "").startswith(("ok", "n/a", "rehearsed"))]
+    if bad:
+        print(f"error: {', '.join(bad)} did not finish (see the status fields)", file=sys.stderr)
+        print(f"RERUN {cfg.name} {','.join(bad)}", flush=True)  # run_gpu.sh turns this into its rerun line
         return 1
     return 0
 
 
-def _spawn(system: str, plan_path: str) -> dict:
-    """Run one child process; its last stdout line starting with RESULT carries its JSON."""
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    t0 = time.perf_counter()
-    # PAFT_BENCH_SYSTEM_TIMEOUT_S (run_gpu.sh sets it): a hung system loses its own row only
-    limit = float(os.environ.get("PAFT_BENCH_SYSTEM_TIMEOUT_S", 0)) or None
-    if limit and system == "setup":
-        limit *= 2  # setup writes the random-init model once
+def _write(cfg: Config, out_dir: str, setup: dict, data: dict, systems: dict) -> tuple[str, dict]:
+    """Summarize what ran so far and merge it into <out_dir>/<device>.json (atomically). Systems of an
+    earlier run of this configuration with the same settings that this run does not include are kept,
+    marked with that run's timestamp, so a rerun of the systems that failed completes the row."""
+    from benchmarks.common import device_slug, merge_run
+    slug = device_slug(setup["device_name"]) if cfg.device == "cuda" else f"cpu-{os.cpu_count()}core"
+    path = os.path.join(out_dir, f"{slug}.json")
+    run = summarize(cfg, setup, data, {k: dict(v) for k, v in systems.items()})
     try:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--child", system, "--plan", plan_path],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=limit)
-    except subprocess.TimeoutExpired:
-        print(f"  {system} failed: timed out after {limit:.0f} s", file=sys.stderr)
-        return {"status": f"failed: timed out after {limit:.0f} s", "error": "timeout"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-25:]
-        print(f"  {system} failed (exit {proc.returncode}):\n    " + "\n    ".join(tail), file=sys.stderr)
+        with open(path) as f:
+            earlier = json.load(f)["runs"][cfg.name]
+    except (OSError, ValueError, KeyError):
+        earlier = None
+    if earlier and earlier.get("settings") == run["settings"]:
+        for name, r in earlier["systems"].items():
+            if name not in systems and r.get("status") == "ok":
+                run["systems"][name] = {**r, "from_earlier_run": earlier.get("timestamp")}
+        if len(run["systems"]) > len(systems):
+            run = summarize(cfg, setup, data, {k: dict(v) for k, v in run["systems"].items()})
+    merge_run(path, {"benchmark": "train_step", "device": slug}, cfg.name, run)
+    return path, run
+
+
+def _spawn(system: str, plan_path: str, cfg: Config, end: float, cap: float | None) -> dict:
+    """Run one child process; its last stdout line starting with RESULT carries its JSON. Its output goes
+    to a file in the work directory; on a failure or a timeout the last lines are printed."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    if cfg.device == "cpu" and system == "ours_triton":
+        env["TRITON_INTERPRET"] = "1"  # the dry run: the fused kernels by Triton's interpreter
+    limit = min(x for x in (cap, seconds_left(end)) if x is not None)
+    limit = None if limit == float("inf") else max(1.0, limit)
+    log = os.path.join(os.path.dirname(plan_path), f"{system}.log")
+    t0 = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(child_argv(system, plan_path), cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            _stop(proc)
+            _print_tail(system, log, f"timed out after {limit:.0f} s")
+            return {"status": f"failed: timed out after {limit:.0f} s", "error": "timeout",
+                    "wall_s": round(time.perf_counter() - t0, 1)}
+        except BaseException:  # Killed (SIGTERM) or Ctrl-C: the child goes too, and its output is shown
+            _stop(proc)
+            _print_tail(system, log, "stopped with the section")
+            raise
+    with open(log) as f:
+        lines = f.read().splitlines()
+    results = [ln for ln in lines if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not results:
+        tail = _print_tail(system, log, f"exit {proc.returncode}")
         last = tail[-1] if tail else f"exit status {proc.returncode}"
-        return {"status": f"failed: {last}"[:300], "error": last}
-    result = json.loads(lines[-1][len("RESULT "):])
+        return {"status": f"failed: {last}"[:300], "error": last, "wall_s": round(time.perf_counter() - t0, 1)}
+    result = json.loads(results[-1][len("RESULT "):])
     result["wall_s"] = round(time.perf_counter() - t0, 1)
-    print(f"  {system}: done in {result['wall_s']} s", flush=True)
+    print(f"  {system}: {result['status']} in {result['wall_s']} s", flush=True)
     return result
+
+
+def child_argv(system: str, plan_path: str) -> list[str]:
+    return [sys.executable, "-m", "benchmarks.train_step", "--child", system, "--plan", plan_path]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _print_tail(system: str, log: str, why: str, n: int = 25) -> list[str]:
+    try:
+        with open(log) as f:
+            tail = [ln for ln in f.read().strip().splitlines() if not ln.startswith("RESULT ")][-n:]
+    except OSError:
+        tail = []
+    print(f"  {system} failed ({why}); its last output:\n    " + ("\n    ".join(tail) or "(none)"),
+          file=sys.stderr, flush=True)
+    return tail
 
 
 # --------------------------------------------------------------------------- turning raw child numbers into a result
@@ -363,12 +469,12 @@ def judge_targets(cfg: Config, ratios: dict) -> list[dict]:
 def print_summary(run: dict) -> None:
     print(f"\n{run['config']}: {run['model']['name']} layers={run['model']['num_hidden_layers']} "
           f"ceiling {run['matmul_ceiling']['tflops']:.2f} TFLOP/s")
-    print(f"  {'system':7s} {'tokens/s':>10s} {'peak MiB':>10s} {'loss 1st':>9s} {'loss last':>9s} {'MFU':>7s}")
+    print(f"  {'system':11s} {'tokens/s':>10s} {'peak MiB':>10s} {'loss 1st':>9s} {'loss last':>9s} {'MFU':>7s}")
     for name, r in run["systems"].items():
         if r.get("status") != "ok":
-            print(f"  {name:7s} {r.get('status')}")
+            print(f"  {name:11s} {r.get('status')}")
             continue
-        print(f"  {name:7s} {r['tokens_per_s']:10.1f} {r['peak_mem_mib']:10.0f} {r['loss_first']:9.4f} "
+        print(f"  {name:11s} {r['tokens_per_s']:10.1f} {r['peak_mem_mib']:10.0f} {r['loss_first']:9.4f} "
               f"{r['loss_last']:9.4f} {100 * r['mfu']:6.2f}%")
     for peer, q in run["ratios"].items():
         print(f"  ours vs {peer}: {q['speedup']:.2f}x tokens/s, {q['memory']:.2f}x peak memory, "

@@ -7,9 +7,11 @@
     child_setup        writes the model directory, the data and the shared LoRA init (made by
                        benchmarks/train_step_setup.py) into the work directory; measures the matmul ceiling
     child_ours         the engine: engine.step.train_step itself, the step engine/train.py runs
+                       (ours: train.kernels=auto; ours_triton: train.kernels=triton)
     child_hf           a plain transformers + peft loop (liger=True: on a Liger-patched model)
     child_trl          TRL's SFTTrainer / DPOTrainer (liger=True: use_liger_kernel)
-    child_liger        Liger-Kernel where it applies: the hf loop (SFT) or TRL (DPO)
+    child_liger        Liger-Kernel where it applies: the hf loop (SFT) or TRL (DPO); on CPU rehearsed
+                       up to the first step (patched, loaded, wrapped), since its kernels need a GPU
 
 Every child returns its raw numbers (seconds and loss per step, peak memory); the parent
 (benchmarks/train_step.py) turns them into tokens/s, MFU and ratios. Each runs in its own
@@ -36,7 +38,8 @@ def run_child(system: str, plan_path: str) -> int:
         torch.set_num_threads(cfg.threads or os.cpu_count())
     elif not torch.cuda.is_available():
         raise SystemExit(f"{cfg.name} needs a CUDA device; torch sees none")
-    fn = {"setup": child_setup, "ours": child_ours, "hf": child_hf, "trl": child_trl, "liger": child_liger}[system]
+    fn = {"setup": child_setup, "ours": child_ours, "hf": child_hf, "trl": child_trl, "liger": child_liger,
+          "ours_triton": lambda c, w: child_ours(c, w, kernels="triton")}[system]
     result = fn(cfg, plan["workdir"])
     print("RESULT " + json.dumps(result))
     return 0
@@ -91,11 +94,13 @@ def environment(cfg: Config, device_name: str) -> dict:
             return metadata.version(pkg)
         except metadata.PackageNotFoundError:
             return None
-    env = {pkg: version(pkg) for pkg in ("torch", "transformers", "peft", "trl", "bitsandbytes", "liger-kernel",
-                                         "accelerate", "datasets")}
-    env.update(python=platform.python_version(), device=device_name, cpu=cpu_model_name(), cpu_count=os.cpu_count())
+    import torch
+    from benchmarks.common import gpu_driver
+    env = {pkg: version(pkg) for pkg in ("torch", "triton", "transformers", "peft", "trl", "bitsandbytes",
+                                         "liger-kernel", "accelerate", "datasets", "numpy")}
+    env.update(python=platform.python_version(), device=device_name, cpu=cpu_model_name(), cpu_count=os.cpu_count(),
+               cuda=torch.version.cuda, driver=gpu_driver() if cfg.device == "cuda" else None)
     if cfg.device == "cpu":
-        import torch
         env["torch_threads"] = torch.get_num_threads()
     return env
 
@@ -166,7 +171,18 @@ def _autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def child_ours(cfg: Config, workdir: str) -> dict:
+def kernel_counters() -> dict:
+    """Every launch counter of paft_kernels: which LoRA linear route ran, which Triton kernels, which
+    optimizer and NF4 route (the difference over the steps is recorded, so a silent fallback shows)."""
+    from paft_kernels import lora_linear, lora_torch, lora_triton, nf4, prox_adamw
+    return {**{f"lora_linear route {k}": v for k, v in lora_linear.ROUTE_CALLS.items()},
+            **{f"lora triton kernel {k}": v for k, v in lora_triton.LAUNCHES.items()},
+            "lora cublas forward": lora_torch.LAUNCHES["cublas"],
+            **{f"prox_adamw {k}": v for k, v in prox_adamw.LAUNCHES.items()},
+            **{f"nf4 dequant {k}": v for k, v in nf4.LAUNCHES.items()}}
+
+
+def child_ours(cfg: Config, workdir: str, kernels: str = "auto") -> dict:
     """The engine: its loader, LoRA / QLoRA, objective and optimizer, and its step itself.
 
     The timed step is engine.step.train_step, the function engine/train.py's loop calls, with one
@@ -177,7 +193,7 @@ def child_ours(cfg: Config, workdir: str) -> dict:
     from functools import partial
 
     import torch
-    from engine.lora import copy_lora_tensors, lora_parameters
+    from engine.lora import copy_lora_tensors, kernel_routes_line, lora_parameters, set_kernels
     from engine.models import load_model_and_tokenizer
     from engine.objectives import dpo_objective, sft_objective
     from engine.optim import build_optimizer
@@ -189,29 +205,36 @@ def child_ours(cfg: Config, workdir: str) -> dict:
     model, tok = load_model_and_tokenizer(ModelConfig(name=model_dir(cfg, create=False)), device)
     apply_adapter(model, lora_config(cfg), seed=SEED)  # LoRA, or QLoRA's NF4 base (quantize_base), as train.py
     copy_lora_tensors(model, _init_factors(workdir), "lora_init.safetensors")  # the same values, made explicit
+    set_kernels(model, kernels)  # train.kernels, as engine/train.py sets it
+    routes_line = kernel_routes_line(model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     params = lora_parameters(model)
     # The recipe's default optimizer, as train.py builds it; its start-up line (which optimizer, which
     # route) goes into the description instead of the child's stdout.
     announced = []
-    optimizer = build_optimizer(params, TrainConfig(lr=LR[cfg.method]), announce=announced.append)
+    optimizer = build_optimizer(params, TrainConfig(lr=LR[cfg.method], kernels=kernels), announce=announced.append)
     objective = sft_objective if cfg.method == "sft" else partial(dpo_objective, cfg=DPOConfig(beta=DPO_BETA))
     autocast = partial(_autocast, device)  # train_step wants a zero-argument callable, as train.py passes it
 
     def step(mb: dict) -> float:
         result = train_step(model, objective, [mb], optimizer, params, device=device, autocast=autocast,
-                            max_grad_norm=1.0)
+                            max_grad_norm=1.0, kernels=kernels)
         # the number every system records: the SFT loss, or DPO's preference loss (TRL logs that one)
         return result.stats["dpo_loss"] if cfg.method == "dpo" else result.loss
 
     batches = _batches(cfg, workdir, tok.pad_token_id)
     model.train()
     meter = Meter(device)
+    before = kernel_counters()
     times, losses = timed_steps(batches, device, step)
+    launches = {k: v - before.get(k, 0) for k, v in kernel_counters().items() if v - before.get(k, 0)}
+    opt_line = announced[0] if announced else f"optimizer: {type(optimizer).__name__}"
     desc = ("engine: engine.qlora NF4 base" if cfg.qlora else "engine: engine.lora") + \
         f", {'sft_objective' if cfg.method == 'sft' else 'dpo_objective (reference = adapters off)'}" + \
-        ", step engine.step.train_step (grad-norm clip 1.0), " + \
-        (announced[0] if announced else f"optimizer: {type(optimizer).__name__}")
-    return {"status": "ok", "description": desc, "step_s": times, "losses": losses, **meter.result()}
+        f", step engine.step.train_step (grad-norm clip 1.0), train.kernels={kernels}, " + opt_line
+    return {"status": "ok", "description": desc, "kernels": kernels, "optimizer": type(optimizer).__name__,
+            "optimizer_line": opt_line, "routes_line": routes_line,
+            "launches_over_all_steps": launches, "steps_counted": len(batches),
+            "step_s": times, "losses": losses, **meter.result()}
 
 
 def load_peer_model(cfg: Config):
@@ -225,9 +248,10 @@ def load_peer_model(cfg: Config):
         # would upcast the embedding, norms and head to fp32 and turn on gradient checkpointing, work the
         # engine does not do (TRL calls it itself for a quantized model; that is TRL's default behaviour).
         bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+                                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        # device_map: the GPU; on CPU (the dry run) bitsandbytes' CPU backend, so the peer's code path is rehearsed
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=bnb,
-                                                                  device_map={"": 0})
+                                                                  device_map={"": 0 if cfg.device == "cuda" else "cpu"})
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(cfg.device)
     model.config.use_cache = False
@@ -279,6 +303,8 @@ def child_hf(cfg: Config, workdir: str, liger: bool = False) -> dict:
 
     batches = _batches(cfg, workdir, tok.pad_token_id)
     model.train()
+    if liger and device.type == "cpu":
+        return rehearsed(model, "patched by liger_kernel, peft-wrapped, optimizer built")
     meter = Meter(device)
     times, losses = timed_steps(batches, device, step)
     desc = "transformers + peft loop" + (" + bitsandbytes 4-bit" if cfg.qlora else "") + \
@@ -343,11 +369,29 @@ def child_trl(cfg: Config, workdir: str, liger: bool = False) -> dict:
     trainer = cls(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
                   peft_config=peft_lora_config(), callbacks=[StepClock()])
     set_factors(trainer.model, workdir)
+    if liger and device.type == "cpu":  # what Trainer.train() does first with use_liger_kernel, then stop
+        from transformers.integrations.liger import apply_liger_kernel
+        apply_liger_kernel(trainer.model, trainer.args.liger_kernel_config)
+        return rehearsed(trainer.model, f"trl {trl.__version__} {cls.__name__} with use_liger_kernel=True, "
+                                        "Liger applied as Trainer.train() applies it")
     trainer.train()
     desc = f"trl {trl.__version__} {'SFTTrainer' if cfg.method == 'sft' else 'DPOTrainer'} + peft" + \
         (" + bitsandbytes 4-bit" if cfg.qlora else "") + (", use_liger_kernel" if liger else "") + \
         f", optim {args.optim}"
     return {"status": "ok", "description": desc, "step_s": times, "losses": losses, **state["meter"].result()}
+
+
+def rehearsed(model, what: str) -> dict:
+    """The dry run's liger row: everything up to the first step ran; the steps need a GPU (Liger's Triton
+    kernels fail under the Triton interpreter). The count of Liger modules shows the patch took."""
+    def liger(m) -> bool:  # a Liger class, or (TRL / Trainer patching an instance) a Liger forward bound to it
+        fwd = getattr(m.forward, "__func__", m.forward)
+        return any(getattr(o, "__module__", "").startswith("liger_kernel") for o in (type(m), fwd))
+    kinds = sorted({m._get_name() for m in model.modules() if liger(m)})
+    if not kinds:
+        raise RuntimeError("liger: no liger_kernel module in the model after patching (the patch did not apply)")
+    return {"status": f"rehearsed: {what}; Liger modules {', '.join(kinds)}; no step (CPU: Liger's kernels "
+                      "need a GPU)", "liger_modules": kinds}
 
 
 def child_liger(cfg: Config, workdir: str) -> dict:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IGNORE = -100
-SYSTEMS = ("ours", "hf", "trl", "liger")
+SYSTEMS = ("ours", "ours_triton", "hf", "trl", "liger")  # ours_triton: ours with train.kernels=triton
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA = dict(r=16, alpha=32, dropout=0.0)
 LR = {"sft": 1e-4, "dpo": 5e-5}
@@ -80,7 +80,8 @@ def _configs() -> dict[str, Config]:
                 for seq in (1024, 2048):
                     # The same tokens per step for SFT and DPO: 4 rows (4 SFT rows, or 2 pairs).
                     batch = 4 if method == "sft" else 2
-                    systems = ("ours", "hf", "trl", "liger") if method == "sft" else ("ours", "trl", "liger")
+                    systems = (("ours", "ours_triton", "hf", "trl", "liger") if method == "sft"
+                               else ("ours", "ours_triton", "trl", "liger"))
                     cfgs.append(Config(f"gpu-{short}-{adapter}-{method}-{seq}", "cuda", f"random:{short}", method,
                                        adapter == "qlora", seq, batch, 6, 2, None, systems))
     return {c.name: c for c in cfgs}

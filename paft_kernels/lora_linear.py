@@ -76,10 +76,10 @@ def lora_backward_triton(dy: Tensor, x: Tensor, W, A: Tensor, B: Tensor, s: floa
     dx = dA = dB = None
     dt = x.dtype
     if need_dx or need_dA:
-        dyB = xa_triton(dy, B.t(), out=dyb_out)  # (M, r) fp32; Bᵀ (r, N) is a strided view of B
+        dyB = xa_triton(dy, B.t(), out=dyb_out, role="dyB")  # (M, r) fp32; Bᵀ (r, N) is a strided view of B
     if need_dx:
         W = W() if callable(W) else W
-        dx = matmul_lora_triton(dy, W, dyB, A, s, seed=seed, p=p, out=dx_out)  # dy W + noise ⊙ s·dyB A
+        dx = matmul_lora_triton(dy, W, dyB, A, s, seed=seed, p=p, out=dx_out, role="dx")  # dy W + noise ⊙ s·dyB A
     if need_dA:
         if seed is None:  # s folded into the (M, r) operand: one small elementwise op, one rounding
             dA = ((dyB * s).to(dt).t() @ x).to(A.dtype)  # (r, M) @ (M, K): cuBLAS

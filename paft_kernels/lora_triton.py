@@ -35,8 +35,10 @@ Numerics: tiles are fed to tl.dot in x's dtype (bf16 → tensor cores; fp32 → 
 
 Tiles: an autotuned set per kernel (`GEMM_CONFIGS`, ...: tile sizes, stages, warps, and a persistent
   variant whose grid is one program per SM, each walking tiles tl.num_programs(0) apart), keyed by
-  (M rounded up to a power of 2, N, K, r, dtypes). `compile_specs()` lists every compiled variant
-  the dispatcher can launch, for the sm_90 compile check (python -m benchmarks.aot).
+  (M rounded up to a power of 2, N, K, r, operand layout, dtypes): the layout (utils.layout_of) keeps
+  the forward's pick (Wᵀ, a view) and the backward's (W) apart on square shapes; PICKS records each
+  role's. `compile_specs()` lists every compiled variant the dispatcher can launch, for the sm_90
+  compile check (python -m benchmarks.aot).
 Under TRITON_INTERPRET=1 (set before triton is imported) the kernels run on CPU tensors with small
   fixed tiles (tests pass any config of the set explicitly). The interpreter (numpy) has no bf16
   arithmetic, so there tiles are upcast to fp32 before tl.dot (bf16 values are exact in fp32) and
@@ -52,7 +54,7 @@ from torch import Tensor
 
 from paft_kernels import CompileSpec
 from paft_kernels.lora_torch import dropout_threshold, keep_scale
-from paft_kernels.utils import tl, triton, triton_interpreted
+from paft_kernels.utils import compile_spec as _spec, layout_of, record_pick, tl, triton, triton_interpreted
 
 # The whole r dimension is one tile. At r = 128 the (BLOCK_M, r) tiles push most configs past 255
 # registers into spills (ptxas, sm_90), so the Triton route stops at 64 and larger ranks take cublas.
@@ -62,7 +64,9 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16)  # x's dtypes the kernels take
 # Launch counters, so that tests and benchmarks can tell which code really ran: LAUNCHES[kernel] per
 # Triton launch (lora_linear.ROUTE_CALLS counts the routes).
 LAUNCHES: collections.Counter = collections.Counter()
-LAST_CONFIG: dict = {}  # kernel name -> the config its last launch used (the autotuner's pick on a GPU)
+# role -> the config its last launch used (the autotuner's pick on a GPU), per role: "xa" and "fwd" (forward),
+# "dyB", "dx" and "dA" (backward); dB, and dA without dropout, are cuBLAS GEMMs by torch (no pick).
+PICKS: dict = {}
 
 
 def _empty(shape, dtype, device) -> Tensor:
@@ -143,7 +147,7 @@ if triton is not None:
     def _xa_kernel(X, A, XA, M, K, R, M_KEY,
                    stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
                    seed, thresh, kscale,
-                   HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                   HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, LAYOUT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
         """XA (M, R) fp32 = dropout(X) Aᵀ, X (M, K), A (R, K) (any strides). One program per BLOCK_M rows."""
         pid = tl.program_id(0)
@@ -244,7 +248,7 @@ if triton is not None:
                             HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
                             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-                            PERSISTENT: tl.constexpr):
+                            PERSISTENT: tl.constexpr, LAYOUT: tl.constexpr):
         """OUT (M, N) = X WT + scale · noise ⊙ (L RT) + BIAS, noise regenerated at offsets m·N + n.
 
         X (M, K), WT (K, N) (forward: Wᵀ as a strided view of W; backward: W itself), L (M, R) fp32
@@ -327,6 +331,10 @@ def _num_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+TUNE_KEYS = {"gemm": ["M_KEY", "N", "K", "R", "LAYOUT"], "skinny": ["M_KEY", "K", "R", "LAYOUT"],
+             "dA": ["M_KEY", "K", "R"]}  # dA has one role and one layout
+
+
 @functools.lru_cache(maxsize=None)
 def _tuned(kind: str, elem: int, dropout: bool):
     """The autotuned wrapper of one kernel for one operand size (2: bf16, 4: fp32) and dropout flag."""
@@ -334,23 +342,29 @@ def _tuned(kind: str, elem: int, dropout: bool):
                    "skinny": (_xa_kernel, SKINNY_CONFIGS[elem]), "dA": (_dA_kernel, DA_CONFIGS[elem])}[kind]
     cfgs = [triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
                           num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in configs]
-    return triton.autotune(cfgs, key=["M_KEY", "N", "K", "R"] if kind == "gemm" else ["M_KEY", "K", "R"])(fn)
+    return triton.autotune(cfgs, key=TUNE_KEYS[kind])(fn)  # Triton adds the tensors' dtypes to the key
 
 
-def _launch(kind: str, raw, grid_of, args: list, consts: dict, x: Tensor, dropout: bool, config: dict | None):
-    """Run `raw` with an explicit config (tests, the interpreter) or through its autotuner (GPU)."""
+def _launch(kind: str, raw, grid_of, args: list, consts: dict, x: Tensor, dropout: bool, config: dict | None,
+            role: str):
+    """Run `raw` with an explicit config (tests, the interpreter) or through its autotuner (GPU); record the
+    config under `role` (PICKS) with the autotune key it was picked for."""
+    named = dict(zip(raw.arg_names, args), **consts)
+    key = {k: named[k] for k in TUNE_KEYS[kind]}
+    key["dtypes"] = [str(a.dtype).removeprefix("torch.") for a in args if isinstance(a, Tensor)]
     if config is None and triton_interpreted():
         config = INTERPRETER_CONFIG[kind]
     if config is not None:
         meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
         opts = {k: config[k] for k in ("num_warps", "num_stages") if k in config}
         raw[grid_of(meta)](*args, **consts, **meta, **opts)
-        LAST_CONFIG[kind] = dict(config)
+        record_pick(PICKS, role, kind, config, False, key)
     else:
         tuned = _tuned(kind, x.element_size(), dropout)
         tuned[lambda META: grid_of(META)](*args, **consts)
         best = tuned.best_config
-        LAST_CONFIG[kind] = dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
+        record_pick(PICKS, role, kind, dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages),
+                    True, key)
     LAUNCHES[kind] += 1
 
 
@@ -361,8 +375,8 @@ def _dropout_args(seed: int | None, p: float) -> tuple[int, int, float]:
 
 
 def xa_triton(x: Tensor, A: Tensor, seed: int | None = None, p: float = 0.0, out: Tensor | None = None,
-              config: dict | None = None) -> Tensor:
-    """dropout(x) Aᵀ: x (M, K), A (r, K) (any strides) -> (M, r) fp32. Also dy B with A = B.t(), no dropout."""
+              config: dict | None = None, role: str = "xa") -> Tensor:
+    """dropout(x) Aᵀ: x (M, K), A (r, K) (any strides) -> (M, r) fp32. Also dy B with A = B.t() (role "dyB")."""
     M, K = x.shape
     r = A.shape[0]
     if out is None:
@@ -373,15 +387,15 @@ def xa_triton(x: Tensor, A: Tensor, seed: int | None = None, p: float = 0.0, out
     args = [x, A, out, M, K, r, _m_key(M), x.stride(0), x.stride(1), A.stride(0), A.stride(1),
             out.stride(0), out.stride(1), sd, th, ks]
     consts = dict(HAS_DROPOUT=seed is not None, UPCAST=triton_interpreted(), PRECISION=_precision(x.dtype),
-                  BLOCK_R=_block_r(r))
+                  BLOCK_R=_block_r(r), LAYOUT=layout_of(x, A))
     _launch("skinny", _xa_kernel, lambda META: (triton.cdiv(M, META["BLOCK_M"]),), args, consts, x,
-            seed is not None, config)
+            seed is not None, config, role)
     return out
 
 
 def matmul_lora_triton(x: Tensor, wt: Tensor, lo: Tensor, rt: Tensor, scale: float, bias: Tensor | None = None,
                        seed: int | None = None, p: float = 0.0, out: Tensor | None = None,
-                       config: dict | None = None) -> Tensor:
+                       config: dict | None = None, role: str = "fwd") -> Tensor:
     """x wt + scale · noise ⊙ (lo rt) + bias: x (M, K), wt (K, N), lo (M, r), rt (r, N) -> (M, N) in x's dtype.
     With a seed, noise is the dropout mask of an (M, N) input regenerated from it (the dx epilogue)."""
     M, K = x.shape
@@ -397,14 +411,14 @@ def matmul_lora_triton(x: Tensor, wt: Tensor, lo: Tensor, rt: Tensor, scale: flo
             lo.stride(0), lo.stride(1), rt.stride(0), rt.stride(1), out.stride(0), out.stride(1),
             float(scale), sd, th, ks]
     consts = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=seed is not None, UPCAST=triton_interpreted(),
-                  PRECISION=_precision(x.dtype), BLOCK_R=_block_r(r))
+                  PRECISION=_precision(x.dtype), BLOCK_R=_block_r(r), LAYOUT=layout_of(x, wt, rt))
     sms = _num_sms(x.device)
 
     def grid(META):
         tiles = triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"])
         return (min(tiles, sms) if META["PERSISTENT"] else tiles,)
 
-    _launch("gemm", _matmul_lora_kernel, grid, args, consts, x, seed is not None, config)
+    _launch("gemm", _matmul_lora_kernel, grid, args, consts, x, seed is not None, config, role)
     return out
 
 
@@ -419,7 +433,8 @@ def dA_triton(dyB: Tensor, x: Tensor, scale: float, seed: int, p: float, out_dty
     args = [dyB, x, part, M, K, r, _m_key(M), dyB.stride(0), dyB.stride(1), x.stride(0), x.stride(1),
             part.stride(0), part.stride(1), part.stride(2), float(scale), sd, th, ks]
     consts = dict(UPCAST=triton_interpreted(), PRECISION=_precision(x.dtype), BLOCK_R=_block_r(r))
-    _launch("dA", _dA_kernel, lambda META: (triton.cdiv(K, META["BLOCK_K"]), splits), args, consts, x, True, config)
+    _launch("dA", _dA_kernel, lambda META: (triton.cdiv(K, META["BLOCK_K"]), splits), args, consts, x, True, config,
+            "dA")
     return part.sum(0).to(out_dtype)
 
 
@@ -427,28 +442,6 @@ def dA_triton(dyB: Tensor, x: Tensor, scale: float, seed: int, p: float, out_dty
 
 SPEC_RANKS = (16, 32, 64)  # every BLOCK_R the launchers can pick (r ≤ 16 -> 16, 17..32 -> 32, ...)
 _TNAME = {2: "bf16", 4: "fp32"}
-
-
-def _spec(name: str, fn, args: dict, consts: dict, config: dict, tags: dict) -> CompileSpec:
-    """Runtime args in kernel order with their Triton types; unit strides become constants, as the JIT
-    specializes an int argument equal to 1 at launch (contiguous tensors)."""
-    sig, cx = {}, dict(consts)
-    cx.update({k: v for k, v in config.items() if k not in ("num_warps", "num_stages")})
-    for arg in fn.arg_names:
-        if arg in cx:
-            continue
-        t = args[arg]
-        if t == 1:
-            cx[arg] = 1
-        else:
-            sig[arg] = t
-    # At the shapes that matter (tokens, in/out features, r, row strides all multiples of 16) the JIT also
-    # marks those ints as divisible by 16, which vectorized and pipelined loads rely on; the seed and the
-    # dropout threshold are arbitrary. Pointers from torch allocations are 16-byte aligned.
-    tags = dict(tags, divisible_by_16=tuple(a for a, v in sig.items()
-                                            if v.startswith("*") or (v == "i32" and a not in ("seed", "thresh"))))
-    return CompileSpec(name=name, fn=fn, signature=sig, constexprs=cx, num_warps=config["num_warps"],
-                       num_stages=config["num_stages"], tags=tags)
 
 
 def compile_specs() -> list[CompileSpec]:
@@ -475,18 +468,20 @@ def compile_specs() -> list[CompileSpec]:
                     tiles = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}" + ("p" if cfg["PERSISTENT"] else "")
                     specs.append(_spec(f"lora_gemm[{role},{tiles},w{cfg['num_warps']}s{cfg['num_stages']},r={r},{t}]",
                                        _matmul_lora_kernel, args,
-                                       dict(base, HAS_BIAS=has_bias, HAS_DROPOUT=has_drop), cfg,
+                                       dict(base, HAS_BIAS=has_bias, HAS_DROPOUT=has_drop,
+                                            LAYOUT="rrr" if role.startswith("dx") else "rcc"), cfg,
                                        dict(kernel="gemm", config=i, r=r, dtype=t, role=role)))
             # xa = dropout(x) Aᵀ (A (r, K) row-major) and dyB = dy B (Bᵀ: strides (1, r))
-            for has_drop, role, a_strides in ((False, "xa", ("i32", 1)), (True, "xa+dropout", ("i32", 1)),
-                                              (False, "dyB", (1, "i32"))):
+            for has_drop, role, a_strides, layout in ((False, "xa", ("i32", 1), "rr"),
+                                                      (True, "xa+dropout", ("i32", 1), "rr"),
+                                                      (False, "dyB", (1, "i32"), "rc")):
                 for i, cfg in enumerate(SKINNY_CONFIGS[elem]):
                     args = dict(X=p, A="*fp32", XA="*fp32", M="i32", K="i32", R="i32", M_KEY="i32",
                                 stride_xm="i32", stride_xk=1, stride_ar=a_strides[0], stride_ak=a_strides[1],
                                 stride_om="i32", stride_or=1, seed="i32", thresh="i32", kscale="fp32")
                     specs.append(_spec(f"lora_xa[{role},{cfg['BLOCK_M']}x{cfg['BLOCK_K']},w{cfg['num_warps']}"
                                        f"s{cfg['num_stages']},r={r},{t}]", _xa_kernel, args,
-                                       dict(base, HAS_DROPOUT=has_drop), cfg,
+                                       dict(base, HAS_DROPOUT=has_drop, LAYOUT=layout), cfg,
                                        dict(kernel="skinny", config=i, r=r, dtype=t, role=role)))
             for i, cfg in enumerate(DA_CONFIGS[elem]):  # dA with dropout
                 args = dict(L="*fp32", X=p, P="*fp32", M="i32", K="i32", R="i32", M_KEY="i32", stride_lm="i32",

@@ -10,6 +10,11 @@ Routes. Each op takes backend="auto" | "triton" | "torch" (lora_linear also "cub
 the kernel supports and "torch" everywhere else. The LoRA linear's auto route on a GPU is not a
 rule but a measurement: `measured_route` looks the shape up in paft_kernels/routes/<op>_<gpu>.json,
 the table `python -m benchmarks.kernels --write-routes` writes from a GPU run.
+
+Autotuning and compile checks: `layout_of` gives the operand-layout flag an autotune key carries (a forward
+reading Wᵀ as a view and a backward reading W are tuned apart even when every size matches), `record_pick`
+keeps the config each kernel role used, and `compile_spec` builds the CompileSpec of one autotune config
+for the sm_90 compile check (python -m benchmarks.aot).
 """
 from __future__ import annotations
 
@@ -138,3 +143,44 @@ def measured_route(op: str, device, key: tuple[tuple[str, type], ...], values: t
     if values in table:
         return table[values], f"measured ({os.path.basename(path)})"
     return None, f"shape not in {os.path.basename(path)}"
+
+
+# ----------------------------------------------------------------------------- autotune keys and picks
+
+def layout_of(*tensors: torch.Tensor) -> str:
+    """One letter per 2-D operand: 'r' row-major (unit stride along the last dim), 'c' column-major (a
+    transposed view), 's' neither. Autotuned kernels take it as a constexpr in their key: the forward
+    reads Wᵀ as a view ('c') and the backward W itself ('r'), so on a square shape the two share every
+    size in the key and would otherwise reuse each other's tile pick, tuned for the other layout."""
+    return "".join("r" if t.stride(-1) == 1 else "c" if t.stride(0) == 1 else "s" for t in tensors)
+
+
+def record_pick(picks: dict, role: str, kernel: str, config: dict, tuned: bool, key: dict) -> None:
+    """picks[role] = the config a kernel launch used for that role (the forward GEMM, the backward dx
+    GEMM, ...), with its autotune key. Per role, not per kernel: the same kernel serves several roles,
+    and a per-kernel record would keep only the last one (the backward's)."""
+    picks[role] = {"kernel": kernel, "config": dict(config), "autotuned": tuned, "key": key}
+
+
+def compile_spec(name: str, fn, args: dict, consts: dict, config: dict, tags: dict):
+    """A paft_kernels.CompileSpec from `args` (every runtime argument's Triton type, or 1 for a unit stride),
+    the constexprs and one autotune config (its tiles are constexprs too, its warps and stages options).
+    Unit strides become constants, as the JIT specializes an int argument equal to 1 at launch."""
+    sig, cx = {}, dict(consts)
+    cx.update({k: v for k, v in config.items() if k not in ("num_warps", "num_stages")})
+    for arg in fn.arg_names:
+        if arg in cx:
+            continue
+        t = args[arg]
+        if t == 1:
+            cx[arg] = 1
+        else:
+            sig[arg] = t
+    # At the shapes that matter (tokens, in/out features, r, row strides all multiples of 16) the JIT also
+    # marks those ints as divisible by 16, which vectorized and pipelined loads rely on; the seed and the
+    # dropout threshold are arbitrary. Pointers from torch allocations are 16-byte aligned.
+    tags = dict(tags, divisible_by_16=tuple(a for a, v in sig.items()
+                                            if v.startswith("*") or (v == "i32" and a not in ("seed", "thresh"))))
+    from paft_kernels import CompileSpec
+    return CompileSpec(name=name, fn=fn, signature=sig, constexprs=cx, num_warps=config["num_warps"],
+                       num_stages=config["num_stages"], tags=tags)
