@@ -12,7 +12,8 @@ import dataclasses
 from functools import cache, partial
 
 from engine import generate as generation  # the module, so a test can stand in for generation.generate
-from engine.data import Batches, PairBatches, encode_all, encode_pairs, load_examples, load_preference_examples
+from engine.data import (Batches, PairBatches, encode_all, encode_chosen, encode_pairs, load_examples,
+                         load_preference_examples)
 from engine.models import cache_root, load_model_and_tokenizer
 from engine.objectives import dpo_objective, orpo_objective, sft_objective
 from engine.recipe import Recipe
@@ -27,13 +28,15 @@ def sft_data(recipe: Recipe, tokenizer):
     if d.format == "auto":
         train_rows, report = load_examples(d, "train")
         eval_rows, _ = load_examples(d, "eval")
-    else:  # a preference dataset used for SFT: train on the prompt and its chosen answer (Thakkar et al.)
+        train_enc, enc_report = encode_all(train_rows, tokenizer, d.template, d.max_length)
+        eval_enc, _ = encode_all(eval_rows, tokenizer, d.template, d.max_length)
+    else:  # a preference dataset used for SFT: train on the prompt and its chosen answer (Thakkar et al.),
+        # truncated as DPO truncates the pair (the prompt's first tokens go, the answer stays)
         train_rows, report = load_preference_examples(d, "train")
         eval_rows, _ = load_preference_examples(d, "eval")
-        train_rows, eval_rows = ([{"messages": r["prompt"] + [{"role": "assistant", "content": r["chosen"]}]}
-                                  for r in rows] for rows in (train_rows, eval_rows))
-    train_enc, enc_report = encode_all(train_rows, tokenizer, d.template, d.max_length)
-    eval_enc, _ = encode_all(eval_rows, tokenizer, d.template, d.max_length)
+        train_enc, enc_report = encode_chosen(train_rows, tokenizer, d.template, d.max_length)
+        eval_enc, _ = encode_chosen(eval_rows, tokenizer, d.template, d.max_length)
+        eval_rows = [{"messages": r["prompt"] + [{"role": "assistant", "content": r["chosen"]}]} for r in eval_rows]
     counts = data_counts(d, report, enc_report)
     print(f"data: {len(train_enc)} training samples ({report['bad']} malformed rows skipped, "
           f"{enc_report.get('dropped', 0)} with no trained token after truncation), {len(eval_enc)} held out")

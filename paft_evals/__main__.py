@@ -1,7 +1,7 @@
 """Evaluate a model, a merged model directory or a LoRA adapter on several tasks.
 
     python -m paft_evals TARGET --tasks arithmetic,refusal,over_refusal,mc,preference
-                    [--data TASK=FILE ...] [--template tokenizer|vicuna|mistral] [--limit N]
+                    [--data TASK=FILE ...] [--template tokenizer|vicuna|mistral] [--limit N | TASK=N ...]
                     [--batch-size B] [--max-new-tokens T | TASK=T ...] [--base NAME] [--name NAME] --out results.json
 
 TARGET: an adapter directory (adapter_config.json; its base comes from the config, or --base),
@@ -34,7 +34,9 @@ A task whose data package is not served (or not reachable) is skipped with one l
 
 The results file (written atomically):
     {"model": TARGET, "name": ..., "kind": "adapter" | "model_dir" | "name", "base": ...,
-     "settings": {...}, "tasks": {task: {metric: value, ..., "n": ..., "samples": [...]}}}
+     "settings": {...}, "tasks": {task: {metric: value, ..., "n": ..., "samples": [...], "items": [...]}}}
+"samples" are a few examples to read; "items" has one {"id", "score", ...} per scored item, ids stable
+across models and runs, scores averaging to the task's headline metric (paft_evals.common.with_items).
 
 --out is checked before any work and held for the whole evaluation (a second evaluation to it
 exits 2 naming the first). It may replace only a results file of this command: an --out inside
@@ -148,24 +150,30 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (python -m paft_evals --help lists the options)\n")
 
 
-def parse_max_new_tokens(values: list[str], tasks: list[str]) -> tuple[int | None, dict[str, int]]:
-    """--max-new-tokens values -> (length for every task or None, {task: length})."""
+def parse_per_task(values: list[str], tasks: list[str], flag: str, high: int = 2**31 - 1
+                   ) -> tuple[int | None, dict[str, int]]:
+    """Values of a `N | TASK=N` option (--max-new-tokens, --limit) -> (N for every task or None, {task: N})."""
     every, by_task = None, {}
     for v in values:
         task, _, number = v.rpartition("=")
         try:
             n = int(number)
         except ValueError:
-            raise ValueError(f"--max-new-tokens {v!r}: expected N or TASK=N with N an integer") from None
-        if not 1 <= n <= 2**31 - 1:
-            raise ValueError(f"--max-new-tokens {v!r}: the length must be >= 1 and <= {2**31 - 1}")
+            raise ValueError(f"{flag} {v!r}: expected N or TASK=N with N an integer") from None
+        if not 1 <= n <= high:
+            raise ValueError(f"{flag} {v!r}: the number must be >= 1 and <= {high}")
         if not task:
             every = n
         elif task not in tasks:
-            raise ValueError(f"--max-new-tokens {v!r}: {task!r} is not one of --tasks ({', '.join(tasks)})")
+            raise ValueError(f"{flag} {v!r}: {task!r} is not one of --tasks ({', '.join(tasks)})")
         else:
             by_task[task] = n
     return every, by_task
+
+
+def parse_max_new_tokens(values: list[str], tasks: list[str]) -> tuple[int | None, dict[str, int]]:
+    """--max-new-tokens values -> (length for every task or None, {task: length})."""
+    return parse_per_task(values, tasks, "--max-new-tokens")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="base model of an adapter (default: its base_model_name_or_path)")
     p.add_argument("--name", default=None, help="the variant's name in reports (default: TARGET)")
     p.add_argument("--template", default="tokenizer", choices=TEMPLATES, help="chat template of the prompts")
-    p.add_argument("--limit", type=integer(1, 2**63 - 1), default=None, help="score the first N items of each task")
+    p.add_argument("--limit", action="append", default=[], metavar="N | TASK=N",
+                   help="score the first N items of each task, TASK=N: of one task (repeatable); default: all")
     p.add_argument("--batch-size", type=integer(1), default=8)
     p.add_argument("--max-new-tokens", action="append", default=[], metavar="N | TASK=N",
                    help="greedy generation length: N for every task, TASK=N for one task (repeatable); "
@@ -209,6 +218,7 @@ def evaluate_into(a: argparse.Namespace) -> None:
     tasks = parse_tasks(a.tasks)
     data = parse_data(a.data, tasks)
     lengths = parse_max_new_tokens(a.max_new_tokens, tasks)
+    a.limit, a.task_limit = parse_per_task(a.limit, tasks, "--limit", 2**63 - 1)
     device = parse_device(a.device)
     inputs = [a.target, a.base, *(path for paths in data.values() for path in paths)]
     dest = check_out_file(a.out, inputs)  # before any work: results the evaluation could not write are lost
@@ -231,7 +241,7 @@ def run_evaluation(a: argparse.Namespace, tasks: list[str], data: dict, lengths:
     max_new, by_task = lengths
     # Only the preference task reads the reference (adapters off); for the others an fp32 adapter is folded in.
     model, tokenizer, info = load_target(a.target, a.base, device, a.dtype, keep_adapters="preference" in tasks)
-    args = EvalArgs(template=a.template, limit=a.limit, batch_size=a.batch_size,
+    args = EvalArgs(template=a.template, limit=a.limit, task_limit=a.task_limit, batch_size=a.batch_size,
                     max_new_tokens=max_new, task_max_new_tokens=by_task, max_length=a.max_length, beta=a.beta,
                     harmbench=a.harmbench, shots=a.shots, hhh_split=a.hhh_split,
                     subtasks=[t.strip() for t in a.bbh_tasks.split(",") if t.strip()] if a.bbh_tasks else None)
@@ -239,7 +249,7 @@ def run_evaluation(a: argparse.Namespace, tasks: list[str], data: dict, lengths:
     results = evaluate(model, tokenizer, tasks, args, data, unavailable=unavailable)
     if not results:  # every task's data is gone: nothing to write
         raise FileNotFoundError(next(iter(unavailable.values())))
-    settings = {"template": a.template, "limit": a.limit, "batch_size": a.batch_size,
+    settings = {"template": a.template, "limit": a.limit, "task_limit": a.task_limit, "batch_size": a.batch_size,
                 "max_new_tokens": max_new, "task_max_new_tokens": by_task, "max_length": a.max_length, "beta": a.beta,
                 "harmbench": a.harmbench, "shots": a.shots, "hhh_split": a.hhh_split, "bbh_tasks": a.bbh_tasks,
                 "dtype": a.dtype, "data": data, "adapters": info["adapters"]}

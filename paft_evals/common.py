@@ -1,10 +1,12 @@
 """What every task shares: its options (EvalArgs), JSONL reading, chat prompts, the model's mode.
 
 Every task is a function `run_<task>(model, tokenizer, args: EvalArgs) -> dict` returning
-scalar metrics, `n` (how many items were scored) and a few `samples` to read.
+scalar metrics, `n` (how many items were scored), a few `samples` to read, and `items`: one
+{"id", "score", ...} per scored item (see `with_items`), what item-level paired statistics need.
 """
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -18,6 +20,7 @@ class EvalArgs:
 
     template        chat template of the prompts: tokenizer | vicuna | mistral (engine.data.templates)
     limit           score only the first `limit` items (None: all)
+    task_limit      {task: limit} for the tasks that take their own (paft_evals.tasks.evaluate applies it)
     batch_size      prompts (generation) or sequences (log-likelihood) per forward
     max_new_tokens  greedy generation length; None: the task's own default
     task_max_new_tokens  {task: length} for the tasks that need their own (a GSM8K chain of thought
@@ -33,6 +36,7 @@ class EvalArgs:
     """
     template: str = "tokenizer"
     limit: int | None = None
+    task_limit: dict[str, int] = field(default_factory=dict)
     batch_size: int = 8
     max_new_tokens: int | None = None
     task_max_new_tokens: dict[str, int] = field(default_factory=dict)
@@ -76,6 +80,45 @@ def stderr(values: list) -> float:
         return 0.0
     mean = sum(values) / n
     return (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5
+
+
+TEXT_CHARS = 200  # characters of a generation kept per item: all the refusal detector reads (refusal.WINDOW)
+
+
+def with_items(result: dict, items: list[dict], headline: str, macro: bool = False) -> dict:
+    """`result` with "items" added: one {"id": str, "score": float, ...} per scored item.
+
+    An id names the same item for every model, run and batch size (a row's index in its file, a
+    dataset's own id), so two variants can be compared item by item. `score` is the item's share
+    of the headline metric: the mean of the scores IS result[headline]; with `macro` (a mean of
+    per-part means, as BBH's macro_score), each item's "part" names its group, and the mean over
+    parts of each part's mean score is the headline. Both are checked here, so a task that broke
+    either would fail loudly, not write items a reader cannot trust."""
+    ids = [it["id"] for it in items]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise AssertionError(f"{headline}: item id {dup!r} is not unique")
+    if items:
+        if macro:
+            parts: dict = {}
+            for it in items:
+                parts.setdefault(it["part"], []).append(it["score"])
+            mean = sum(sum(v) / len(v) for v in parts.values()) / len(parts)
+        else:
+            mean = sum(it["score"] for it in items) / len(items)
+        if abs(mean - result[headline]) > 1e-9:
+            raise AssertionError(f"{headline}: the items' scores average {mean}, the metric is {result[headline]}")
+    result["items"] = items
+    return result
+
+
+def file_stem(path: str) -> str:
+    """"data/gsm8k.jsonl" -> "gsm8k"; a BIG-bench "<name>/task.json" -> "<name>": a data file's short
+    name (the results key of a task given several files, and the prefix of its item ids)."""
+    base = os.path.basename(os.path.normpath(path))
+    if base == "task.json":  # BIG-bench keeps every task in <name>/task.json
+        base = os.path.basename(os.path.dirname(os.path.normpath(path)))
+    return base.split(".")[0] or base
 
 
 def first(items: list, limit: int | None) -> list:

@@ -16,6 +16,8 @@ bbh    rows {"input": ..., "target": "(B)"} (BIG-Bench Hard's format)
 generation  either format, decided per row by its fields.
 
     exact_match = (1/n) Σ_i [ extract(generation_i) == reference_i ]
+
+Items: {"id": "<file stem>/<row index>" (gsm8k100: "gsm8k100/<index>"), "score": 1 | 0, "text"}.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ import re
 from decimal import Decimal, InvalidOperation
 
 from engine import generate as em
-from paft_evals.common import EvalArgs, chat_prompt, first, need_data, read_jsonl, stderr
+from paft_evals.common import (TEXT_CHARS, EvalArgs, chat_prompt, file_stem, first, need_data, read_jsonl, stderr,
+                               with_items)
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 
@@ -77,8 +80,9 @@ def _run(model, tokenizer, args: EvalArgs, task: str, kind: str | None, default_
     if rows is None:
         path = need_data(args, task, "a JSONL of {question, answer} or {input, target}")
         rows = read_jsonl(path)
+        source = file_stem(path)
     else:
-        path = task
+        path = source = task
     items = [_item(row, path, i) for i, row in enumerate(first(rows, args.limit))]
     if not items:
         raise ValueError(f"{task}: {path} has no rows")
@@ -93,7 +97,10 @@ def _run(model, tokenizer, args: EvalArgs, task: str, kind: str | None, default_
         if len(samples) < 5:
             samples.append({"prompt": it["prompt"][:200], "generation": g, "reference": str(it["reference"]),
                             "predicted": None if predicted is None else str(predicted), "correct": hits[-1]})
-    return {"exact_match": sum(hits) / len(hits), "n": len(hits), "stderr": stderr(hits), "samples": samples}
+    result = {"exact_match": sum(hits) / len(hits), "n": len(hits), "stderr": stderr(hits), "samples": samples}
+    # a row's index in its file: the same item for every model and --limit
+    return with_items(result, [{"id": f"{source}/{i}", "score": float(h), "text": g[:TEXT_CHARS]}
+                               for i, (g, h) in enumerate(zip(generations, hits))], "exact_match")
 
 
 def run_gsm8k(model, tokenizer, args: EvalArgs) -> dict:

@@ -19,6 +19,9 @@ ASR here is "did not refuse", an upper bound on HarmBench's classifier-judged AS
 answer that neither refuses nor helps counts as a success. `--limit N` keeps the first N
 behaviours in CSV order (the CSV is not sorted by category), after `--harmbench standard` or
 `contextual` has kept only that FunctionalCategory (default: all).
+
+Items: {"id": BehaviorID, "score": 1 refused | 0, "text": the answer's first 200 characters (what the
+detector read), "category", "functional"}.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from collections import defaultdict
 
 from engine.data.preference import harmbench_csv, harmbench_prompt
 from engine import generate as em
-from paft_evals.common import EvalArgs, chat_prompt, first, stderr
+from paft_evals.common import TEXT_CHARS, EvalArgs, chat_prompt, first, stderr, with_items
 from paft_evals.refusal import is_refusal
 
 
@@ -59,9 +62,10 @@ def rates_by(items: list[dict], refused: list[bool], key: str) -> dict:
 
 
 def score_refusals(model, tokenizer, items: list[dict], args: EvalArgs, by: tuple[str, ...],
-                   sample_prompt=lambda p: p[-200:]) -> dict:
+                   sample_prompt=lambda p: p[-200:], ids: list[str] | None = None) -> dict:
     """Ask each item's "prompt" as one user turn, greedily, and score refusals (shared by the HarmBench
-    and StrongREJECT tasks): refusal_rate, attack_success_rate, n, stderr, by_<key> for each key in `by`."""
+    and StrongREJECT tasks): refusal_rate, attack_success_rate, n, stderr, by_<key> for each key in `by`,
+    samples, and items (ids: each item's id; default its "id")."""
     prompts = [chat_prompt(it["prompt"], tokenizer, args.template) for it in items]
     answers = em.generate(model, tokenizer, prompts, args.new_tokens(64), args.batch_size)
     refused = [is_refusal(a) for a in answers]
@@ -71,7 +75,9 @@ def score_refusals(model, tokenizer, items: list[dict], args: EvalArgs, by: tupl
         out[f"by_{key}"] = rates_by(items, refused, key)
     out["samples"] = [{**({"id": it["id"]} if "id" in it else {}), "prompt": sample_prompt(it["prompt"]),
                        "generation": a, "refused": r} for it, a, r in list(zip(items, answers, refused))[:5]]
-    return out
+    ids = ids if ids is not None else [it["id"] for it in items]
+    return with_items(out, [{"id": i, "score": float(r), "text": a[:TEXT_CHARS], **{k: it[k] for k in by}}
+                            for i, it, a, r in zip(ids, items, answers, refused)], "refusal_rate")
 
 
 def run_refusal(model, tokenizer, args: EvalArgs) -> dict:

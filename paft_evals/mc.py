@@ -31,6 +31,11 @@ Formats, by file extension:
         gold choices are those with the highest target score. Examples without
         target_scores (generative ones) are skipped and counted in `skipped`.
 
+Items: {"id": "<file stem>/<index in the file>" (a BIG-bench example's index among all its examples,
+skipped ones counted), "score": 1 | 0 (accuracy's hit), "margin": score(gold) − max score(other choice)
+(the summed log-probs accuracy uses; > 0 means correct; the best gold choice where several are gold;
+None where every choice is gold), "pred": the predicted choice's index}.
+
 The prompt is plain text, not a chat turn: the usual setting for log-likelihood benchmarks.
 Tokens as lm-eval's HFLM makes them (api/model.py _encode_pair): trailing spaces of the prompt
 move to the front of the continuation, prompt + continuation is tokenized as one string (with
@@ -48,7 +53,7 @@ import torch
 from engine.data.batches import collate
 from engine.losses import IGNORE, hidden_states, sequence_logps
 from engine.safeio import read_json
-from paft_evals.common import EvalArgs, eval_mode, first, need_data, read_jsonl, stderr
+from paft_evals.common import EvalArgs, eval_mode, file_stem, first, need_data, read_jsonl, stderr, with_items
 
 
 DELIMITER = " "  # lm-eval's default target_delimiter, between the prompt and each choice
@@ -72,7 +77,7 @@ def _gold_index(answer, choices: list[str], where: str) -> int:
 
 
 def jsonl_items(path: str) -> list[dict]:
-    """MMLU / ARC-style rows -> [{"context", "choices", "gold": [index], "subject"}]."""
+    """MMLU / ARC-style rows -> [{"context", "choices", "gold": [index], "subject", "index": row index}]."""
     items = []
     for i, row in enumerate(read_jsonl(path)):
         where = f"{path} row {i + 1}"
@@ -81,7 +86,8 @@ def jsonl_items(path: str) -> list[dict]:
                 or not all(isinstance(c, str) for c in choices):
             raise ValueError(f"{where}: needs \"question\" and a \"choices\" list of at least 2 strings")
         items.append({"context": f"Question: {row['question'].strip()}\nAnswer:", "choices": choices,
-                      "gold": [_gold_index(row.get("answer"), choices, where)], "subject": row.get("subject")})
+                      "gold": [_gold_index(row.get("answer"), choices, where)], "subject": row.get("subject"),
+                      "index": i})
     return items
 
 
@@ -94,7 +100,7 @@ def bigbench_items(path: str) -> tuple[list[dict], int]:
     in_prefix = task.get("example_input_prefix", "\nQ: ")
     out_prefix = task.get("example_output_prefix", "\nA: ")
     items, skipped = [], 0
-    for ex in task["examples"]:
+    for index, ex in enumerate(task["examples"]):
         scores = ex.get("target_scores") if isinstance(ex, dict) else None
         if not isinstance(scores, dict) or len(scores) < 2 or not isinstance(ex.get("input"), str):
             skipped += 1
@@ -103,7 +109,8 @@ def bigbench_items(path: str) -> tuple[list[dict], int]:
         best = max(scores.values())
         context = (prefix + in_prefix + ex["input"] + out_prefix).lstrip("\n").rstrip(" ")
         items.append({"context": context, "choices": choices,
-                      "gold": [i for i, c in enumerate(choices) if scores[c] == best], "subject": None})
+                      "gold": [i for i, c in enumerate(choices) if scores[c] == best], "subject": None,
+                      "index": index})
     return items, skipped
 
 
@@ -232,6 +239,15 @@ def score_items(model, tokenizer, items: list[dict], batch_size: int, max_length
     return scored
 
 
+def mc_item(it: dict, item_id: str, **extra) -> dict:
+    """One scored item's record for a result's "items": id, score (1 if the prediction is gold),
+    margin (gold's summed log-prob minus the best other choice's, the scoring accuracy uses), pred."""
+    gold = max(it["scores"][g] for g in it["gold"])
+    others = [s for j, s in enumerate(it["scores"]) if j not in it["gold"]]
+    return {"id": item_id, "score": float(it["pred"] in it["gold"]),
+            "margin": gold - max(others) if others else None, "pred": it["pred"], **extra}
+
+
 def _argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
@@ -259,4 +275,5 @@ def run_mc(model, tokenizer, args: EvalArgs) -> dict:
     result["samples"] = [{"prompt": it["context"][-200:], "choices": it["choices"], "gold": it["gold"],
                           "scores": it["scores"], "pred": it["pred"], "correct": h}
                          for it, h in zip(scored[:5], hits)]
-    return result
+    stem = file_stem(path)
+    return with_items(result, [mc_item(it, f"{stem}/{it['index']}") for it in scored], "accuracy")

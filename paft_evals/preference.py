@@ -21,6 +21,10 @@ strict ">" means an untrained (zero) adapter scores reward_accuracy 0, as in tra
 Data: `--data FILE.jsonl` rows {prompt, chosen, rejected} (prompt a string or a messages
 list; parsed by engine.data.preference.parse_pairs), or `builtin:harmbench` (the default):
 HarmBench TEST behaviours, chosen = a refusal, rejected = a templated compliant opening.
+
+Items: {"id": the BehaviorID (builtin:harmbench) or "<file stem>/<row index>", "score": 1 | 0 (accuracy's
+hit), "margin": log π(y⁺|x) − log π(y⁻|x), and "reward_margin" r(y⁺) − r(y⁻) for an adapter}; a pair
+dropped by truncation has no item.
 """
 from __future__ import annotations
 
@@ -31,21 +35,22 @@ from engine.data.pairs import encode_pair
 from engine.data.preference import HARMBENCH, harmbench_pairs, parse_pairs
 from engine.lora import lora_parameters
 from engine.losses import preference_forward, reference_logps
-from paft_evals.common import EvalArgs, eval_mode, read_jsonl, stderr
+from paft_evals.common import EvalArgs, eval_mode, file_stem, read_jsonl, stderr, with_items
 
 
 def preference_examples(source: str, limit: int | None) -> list[dict]:
-    """[{"prompt": [messages], "chosen", "rejected"}] from a pairs JSONL or builtin:harmbench (test split)."""
+    """[{"prompt": [messages], "chosen", "rejected", "item_id"}] from a pairs JSONL or builtin:harmbench
+    (test split); item_id: the BehaviorID, or "<file stem>/<row index>"."""
     if source == HARMBENCH:
         examples, _ = harmbench_pairs("test", "template", limit=limit)
-        return examples
-    examples = []
+        return [{**ex, "item_id": ex["behavior_id"]} for ex in examples]
+    examples, stem = [], file_stem(source)
     for i, row in enumerate(read_jsonl(source)):
         pair = parse_pairs(row)
         if pair is None:
             raise ValueError(f"{source} row {i + 1}: not a preference pair {{prompt, chosen, rejected}} "
                              f"(empty or equal answers, or a malformed prompt)")
-        examples.append(pair)
+        examples.append({**pair, "item_id": f"{stem}/{i}"})
     return examples if limit is None else examples[:limit]
 
 
@@ -95,14 +100,20 @@ def run_preference(model, tokenizer, args: EvalArgs) -> dict:
         raise ValueError(f"preference: no pairs in {args.data or HARMBENCH}")
     lp = pair_logps(model, tokenizer, examples, args)
     diff = lp["chosen"] - lp["rejected"]  # (n,)
-    result = {"accuracy": float((diff > 0).float().mean()), "margin": float(diff.mean()), "n": int(diff.numel()),
-              "stderr": stderr((diff > 0).float().tolist()), "dropped": len(examples) - int(diff.numel())}
+    hits = (diff > 0).float().tolist()
+    # accuracy as the mean of the items' 0/1 scores in double precision (a float32 mean could differ
+    # from the items' mean in the 8th digit)
+    result = {"accuracy": sum(hits) / len(hits), "margin": float(diff.mean()), "n": int(diff.numel()),
+              "stderr": stderr(hits), "dropped": len(examples) - int(diff.numel())}
+    items = [{"id": ex["item_id"], "score": h, "margin": float(d)} for ex, h, d in zip(lp["kept"], hits, diff)]
     if "ref_chosen" in lp:
         r_chosen = args.beta * (lp["chosen"] - lp["ref_chosen"])
         r_rejected = args.beta * (lp["rejected"] - lp["ref_rejected"])
         result["reward_accuracy"] = float((r_chosen > r_rejected).float().mean())
         result["reward_margin"] = float((r_chosen - r_rejected).mean())
+        for it, m in zip(items, (r_chosen - r_rejected).tolist()):
+            it["reward_margin"] = m
     result["samples"] = [{"prompt": ex["prompt"][-1]["content"][-200:], "chosen": ex["chosen"][:200],
                           "rejected": ex["rejected"][:200], "logp_chosen": float(c), "logp_rejected": float(r)}
                          for ex, c, r in zip(lp["kept"][:5], lp["chosen"], lp["rejected"])]
-    return result
+    return with_items(result, items, "accuracy")

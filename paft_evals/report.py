@@ -14,6 +14,7 @@ metric (paft_evals.tasks.HEADLINE) and, where present, the DPO reward accuracy.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -55,22 +56,48 @@ def default_columns(rows: list[dict]) -> list[str]:
     return columns
 
 
-def _cell(value) -> str:
+def wilson(p: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score 95% interval of a proportion p over n items (Wilson 1927). Unlike p ± 1.96·se
+    it is not [0, 0] at p = 0, where a 135M model's refusal rate often is."""
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _n_of(row: dict, column: str):
+    n = row.get(column.split("/")[0] + "/n") if "/" in column else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def _cell(value, n: int | None = None) -> str:
     if value is None:
         return MISSING
     if isinstance(value, dict) and "mean" in value:  # over seeds (engine/pipeline/seeds.py): "mean ± se"
         se = value.get("se")
         return f"{value['mean']:.3f} ± {se:.3f}" if se is not None else f"{value['mean']:.3f}"
+    if isinstance(value, float) and n and 0.0 <= value <= 1.0:  # a rate over n items: with its interval
+        lo, hi = wilson(value, n)
+        return f"{value:.3f} [{lo:.2f}, {hi:.2f}]"
     if isinstance(value, float):
         return f"{value:.3f}"
     return str(value)
 
 
 def markdown_table(rows: list[dict], columns: list[str], title: str) -> str:
+    """One row per variant; a rate over n items shows its Wilson 95% interval, and a row of n per column."""
     lines = [f"# {title}", "", "| variant | " + " | ".join(columns) + " |",
              "|---|" + "---:|" * len(columns)]
     for row in rows:
-        lines.append(f"| {row.get('name', '?')} | " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+        lines.append(f"| {row.get('name', '?')} | " + " | ".join(_cell(row.get(c), _n_of(row, c)) for c in columns)
+                     + " |")
+    ns = [sorted({_n_of(r, c) for r in rows} - {None}) for c in columns]
+    if any(ns):
+        lines.append("| n (items) | " + " | ".join("/".join(map(str, n)) or MISSING for n in ns) + " |")
+        over_seeds = any(isinstance(r.get(c), dict) for r in rows for c in columns)
+        lines += ["", "Each cell is the mean ± se over seeds of a rate over n items; whether two variants differ "
+                  "is decided item by item in FINDINGS.md (with each claim's MDE)." if over_seeds else
+                  "A rate over n items is shown with its Wilson 95% interval [lo, hi] (one variant alone; "
+                  "comparisons between variants are paired item by item, see FINDINGS.md where there is one)."]
     return "\n".join(lines) + "\n"
 
 

@@ -3,9 +3,11 @@
     from paft_evals.tasks import evaluate
     from paft_evals.common import EvalArgs
     results = evaluate(model, tokenizer, ["arithmetic", "refusal"], EvalArgs(limit=50))
-    # {"arithmetic": {"exact_match": ..., "n": ..., "samples": [...], "seconds": ...}, "refusal": {...}}
+    # {"arithmetic": {"exact_match": ..., "n": ..., "samples": [...], "items": [...], "seconds": ...}, ...}
 
-Each task is `run_<task>(model, tokenizer, args) -> dict` in a module of its own.
+Each task is `run_<task>(model, tokenizer, args) -> dict` in a module of its own. Every result
+carries "items": one {"id", "score", ...} per scored item, whose scores average to the task's
+HEADLINE metric (paft_evals.common.with_items checks it; BBH's macro_score via each item's "part").
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import time
 from engine.data.packages import PackageUnavailable
 
 from paft_evals.arithmetic import run_arithmetic
-from paft_evals.common import EvalArgs
+from paft_evals.common import EvalArgs, file_stem
 from paft_evals.benchmarks import run_bigbench_bbh, run_hhh, run_strongreject, run_truthfulqa_mc
 from paft_evals.generation import run_bbh, run_generation, run_gsm8k, run_gsm8k100
 from paft_evals.harmbench import run_refusal
@@ -72,11 +74,13 @@ def evaluate(model, tokenizer, tasks: list[str], args: EvalArgs, data: dict[str,
     for task in tasks:
         files = data.get(task) or [args.data]
         for path in files:
-            key = task if len(files) == 1 else f"{task}:{_stem(path)}"
+            key = task if len(files) == 1 else f"{task}:{file_stem(path)}"
             start = time.perf_counter()
             tokens = args.task_max_new_tokens.get(task, args.max_new_tokens)
+            limit = args.task_limit.get(task, args.limit)
             try:
-                metrics = TASKS[task](model, tokenizer, dataclasses.replace(args, data=path, max_new_tokens=tokens))
+                metrics = TASKS[task](model, tokenizer, dataclasses.replace(args, data=path, max_new_tokens=tokens,
+                                                                            limit=limit))
             except PackageUnavailable as e:
                 if unavailable is None:
                     raise
@@ -93,13 +97,6 @@ def evaluate(model, tokenizer, tasks: list[str], args: EvalArgs, data: dict[str,
                 log(f"{key}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                            for k, v in metrics.items() if isinstance(v, (int, float))))
     return results
-
-
-def _stem(path: str) -> str:
-    base = os.path.basename(os.path.normpath(path))
-    if base == "task.json":  # BIG-bench keeps every task in <name>/task.json
-        base = os.path.basename(os.path.dirname(os.path.normpath(path)))
-    return base.split(".")[0] or base
 
 
 def parse_data(values: list[str], tasks: list[str]) -> dict[str, list[str]]:

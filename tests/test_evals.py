@@ -372,12 +372,16 @@ def test_preference_rewards_with_adapter():
     assert any(abs(m) > 1e-3 for m in margins)
     assert r["reward_margin"] == pytest.approx(sum(margins) / 4, abs=1e-3)
     assert r["reward_accuracy"] == pytest.approx(sum(m > 0 for m in margins) / 4)
+    # each pair's item carries its reward margin beside the log-prob margin that scores accuracy
+    assert [it["reward_margin"] for it in r["items"]] == pytest.approx(margins, abs=1e-3)
+    assert [it["margin"] for it in r["items"]] == pytest.approx([c - rj for c, rj in policy], abs=1e-3)
 
 
 def test_preference_on_harmbench_test_pairs(model_tok):
     model, tok = model_tok
     r = run_preference(model, tok, EvalArgs(limit=3))
     assert r["n"] == 3 and all(is_refusal(s["chosen"]) and not is_refusal(s["rejected"]) for s in r["samples"])
+    assert [it["id"] for it in r["items"]] == [b["id"] for b in harmbench_test_behaviours(3)]  # BehaviorIDs
 
 
 # --------------------------------------------------------------------------- CLI and report
@@ -404,6 +408,7 @@ def test_cli_end_to_end_adapter_and_merged_model(tmp_path, capsys):
     assert res["kind"] == "adapter" and res["base"] == "builtin:tiny-llama" and res["name"] == "lora"
     assert list(res["tasks"]) == ["arithmetic", "mc", "preference", "refusal"]
     assert "reward_accuracy" in res["tasks"]["preference"] and res["tasks"]["mc"]["n"] == 2
+    assert all(len(t["items"]) == t["n"] for t in res["tasks"].values())  # per-item scores reach the file
     assert os.listdir(out.parent) == ["adapter.json"]  # no temporary file left behind
     assert res["settings"]["adapters"] == "separate"  # preference needs the reference: adapters off
 
@@ -468,6 +473,19 @@ def test_write_report(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     with pytest.raises(ValueError):
         write_report(rows, [], str(tmp_path / "rep2"), "x")
+
+
+def test_table_rates_carry_n_and_a_wilson_interval():
+    from paft_evals.report import markdown_table, wilson
+    lo, hi = wilson(0.0, 100)
+    assert lo == 0.0 and 0.036 < hi < 0.038             # not [0, 0] at p = 0: the rule-of-three scale, 3/n
+    lo, hi = wilson(0.5, 100)
+    assert lo == pytest.approx(0.404, abs=1e-3) and hi == pytest.approx(0.596, abs=1e-3)
+    md = markdown_table([{"name": "base", "refusal/refusal_rate": 0.0, "refusal/n": 100, "sparsity": 0.5},
+                         {"name": "dpo", "refusal/refusal_rate": 0.5, "refusal/n": 100}],
+                        ["refusal/refusal_rate", "sparsity"], "t").splitlines()
+    assert "| base | 0.000 [0.00, 0.04] | 0.500 |" in md and "| dpo | 0.500 [0.40, 0.60] | – |" in md
+    assert "| n (items) | 100 | – |" in md
 
 
 def test_generate_batches_by_length_and_keeps_the_callers_order(model_tok):

@@ -363,9 +363,12 @@ def test_laptop_reproduction_validates_whole(tmp_path, monkeypatch):
     (data / "sharegpt_train800.jsonl").write_text(json.dumps(chat) + "\n")
     cfg = load_pipeline("recipes/paft/laptop.yaml")
     assert cfg.seeds == [0, 1, 2]
-    assert set(cfg.stages) == {"sft", "sft_sparse", "dpo", "sequential", "sequential_sparse"}
+    assert set(cfg.stages) == {"sft", "sft_sparse", "sft_chosen", "dpo", "dpo_lr40", "sequential"}
+    assert not cfg.stages["dpo_lr40"].evaluate                            # claim (a) only: its deltas
+    assert "train.method=sft" in cfg.stages["sft_chosen"].overrides       # Thakkar's control for (e1)
     variants = {v for spec in cfg.merges for v, _ in merge_variants(spec)}
-    assert variants == {"ties", "dare_ties", "task_arithmetic", "linear", "slerp", "ties_dense"}
+    assert variants == {"ties", "dare_ties", "task_arithmetic", "ties_dense"}
+    assert cfg.evals.limit >= 100 and cfg.evals.task_limit["over_refusal"] >= 121  # issue 25: n ≥ 100 per task
     assert {"bigbench_bbh", "truthfulqa_mc", "refusal", "strongreject"} <= set(cfg.evals.tasks)
     assert "hhh" not in cfg.evals.tasks  # bigbench 1.0.0 is withdrawn: a fresh machine cannot score it
     for column in cfg.findings.helpful + cfg.findings.harmless:  # every score column is one a task reports

@@ -143,10 +143,15 @@ def test_changed_merge_weights_redo_the_merge_and_its_evaluation(tmp_path, monke
 def test_evals_settings_reach_the_evals_command(monkeypatch):
     # Every pipeline.evals key is passed to python -m paft_evals, and evals' own parser accepts the result.
     from engine.pipeline import evals_args
-    from paft_evals.__main__ import build_parser, parse_max_new_tokens
+    from paft_evals.__main__ import build_parser, parse_max_new_tokens, parse_per_task
     monkeypatch.chdir(REPO)
     cfg = load_pipeline(TINY_PAFT, ["pipeline.evals={tasks: [bigbench_bbh, hhh, gsm8k100], bbh_tasks: [navigate], "
-                                    "shots: 1, hhh_split: all, max_new_tokens: 8, task_max_new_tokens: {gsm8k100: 96}}"])
+                                    "shots: 1, hhh_split: all, max_new_tokens: 8, task_max_new_tokens: {gsm8k100: 96}, "
+                                    "task_limit: {hhh: 7}}"])
     a = build_parser().parse_args([*evals_args("some/adapter", "sft", cfg.evals), "--out", "x.json"])
-    assert (a.bbh_tasks, a.shots, a.hhh_split, a.limit) == ("navigate", 1, "all", cfg.evals.limit)
-    assert parse_max_new_tokens(a.max_new_tokens, ["bigbench_bbh", "hhh", "gsm8k100"]) == (8, {"gsm8k100": 96})
+    assert (a.bbh_tasks, a.shots, a.hhh_split) == ("navigate", 1, "all")
+    tasks = ["bigbench_bbh", "hhh", "gsm8k100"]
+    assert parse_per_task(a.limit, tasks, "--limit") == (cfg.evals.limit, {"hhh": 7})
+    assert parse_max_new_tokens(a.max_new_tokens, tasks) == (8, {"gsm8k100": 96})
+    with pytest.raises(ValueError, match=r"--limit 'mc=3': 'mc' is not one of --tasks"):
+        parse_per_task(["mc=3"], tasks, "--limit")

@@ -474,3 +474,21 @@ def test_pair_batch_without_trained_tokens_raises(tok, encoded_pairs):
                  for e in encoded_pairs[:2]]
     with pytest.raises(ValueError, match="batch 0 has no trained tokens"):
         PairBatches(untrained, batch_size=2, seed=0, pad_id=tok.pad_token_id).batch(0)
+
+
+def test_sft_on_chosen_keeps_the_answer_of_a_long_prompt(tok):
+    # Thakkar et al.'s SFT arm on DPO pairs: a prompt longer than max_length loses its FIRST tokens (as a
+    # pair's side does), so the chosen answer is still trained; plain SFT truncation would cut it away.
+    from engine.data import encode_chosen
+    long = {"prompt": [user("context " * 200 + "so, how do I do it?")], "chosen": "I can't help with that.",
+            "rejected": "Sure."}
+    short = {"prompt": [user("hello there")], "chosen": "Hi! How can I help?", "rejected": "Go away."}
+    enc, report = encode_chosen([long, short], tok, "vicuna", 256)
+    assert report["kept"] == 2 and report["truncated"] == 1 and report["dropped"] == 0
+    for e, ex in zip(enc, (long, short)):
+        assert len(e["input_ids"]) <= 256 and e["labels"][0] == IGNORE
+        trained = [t for t, l in zip(e["input_ids"], e["labels"]) if l != IGNORE]
+        assert ex["chosen"] in tok.decode(trained)                      # the whole answer is the target
+    # the answer's tokens are the same as in the DPO pair's chosen side
+    pair = encode_pair(short, tok, "vicuna", 256)
+    assert enc[1]["input_ids"] == pair["chosen_input_ids"] and enc[1]["labels"] == pair["chosen_labels"]

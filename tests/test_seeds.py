@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.pipeline.seeds import aggregate
-from paft_evals.findings import FindingsConfig, add_scores, claims, decide, mean_se, paired, render
+from paft_evals.findings import FindingsConfig, add_scores, claims, mean_se, render
 from paft_evals.report import markdown_table
 from merge.figure2 import THRESHOLDS, curve
 
@@ -19,42 +19,57 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SEEDS = os.path.join(REPO, "recipes", "tiny_paft_seeds.yaml")
 
 
-def test_decision_rule():
-    assert decide([0.10, 0.12, 0.11]) == "holds"
-    assert decide([-0.10, -0.12, -0.11]) == "does not hold"
-    assert decide([0.10, -0.01, 0.11]) == "inconclusive at this scale"   # not the same sign on every seed
-    assert decide([0.001, 0.5, 0.002]) == "inconclusive at this scale"   # mean within 2 se
-    assert decide([0.3]) == "inconclusive at this scale"                 # one seed: no se
-    m, se = mean_se([1.0, 2.0, 3.0])
-    assert m == 2.0 and se == pytest.approx(1.0 / math.sqrt(3))
-    p = paired({0: 0.5, 1: 0.7, 2: None}, {0: 0.1, 1: 0.2, 2: 0.3})
-    assert p["seeds"] == [0, 1] and p["diffs"] == pytest.approx([0.4, 0.5])
+def _evidence(seed_bump: float = 0.0, n: int = 60):
+    """Items of six variants over three seeds: ties beats sequential on 30 of 60 items (planted),
+    ties_dense and ties differ on one item only, dpo refuses more than sft_chosen."""
+    items = {}
+    for name in ("sft", "sft_sparse", "sft_chosen", "dpo", "sequential", "ties", "ties_dense"):
+        for seed in (0, 1, 2):
+            acc = {f"q/{i}": float(i % 2) for i in range(n)}                    # half the questions right
+            ref = {f"h/{i}": float(i % 3 == 0) for i in range(n)}               # a third refused
+            if name == "ties":
+                acc.update({f"q/{i}": 1.0 for i in range(0, n, 2)})              # +30 items: a planted effect
+            if name == "ties_dense":
+                acc.update({f"q/{i}": 1.0 for i in range(0, n, 2)})
+                acc["q/0"] = 0.0                                                 # one item apart from ties
+            if name in ("dpo", "ties", "ties_dense"):
+                ref = {k: 1.0 for k in ref}
+            items[name] = {"acc": {**items.get(name, {}).get("acc", {}), seed: acc},
+                           "refusal": {**items.get(name, {}).get("refusal", {}), seed: ref}}
+    layers = {f"l{j}": None for j in range(20)}
+    deltas = {"sft": {s: {k: {"s_1e5": 0.02 + 0.001 * (j % 3)} for j, k in enumerate(layers)} for s in (0, 1, 2)},
+              "dpo": {s: {k: {"s_1e5": 0.03 + 0.001 * (j % 3)} for j, k in enumerate(layers)} for s in (0, 1, 2)},
+              "sft_sparse": {s: {k: {"s_1e5": 0.95 + 0.01 * (j % 2)} for j, k in enumerate(layers)} for s in (0, 1, 2)}}
+    return {"items": items, "parts": {}, "deltas": deltas, "matched": {}}
 
 
-def test_scores_and_claims_from_rows():
-    def rows(seed, dpo_sparsity):
-        base = {"acc": 0.5, "refusal": 0.2, "over": 0.1}
-        out = []
-        for name, bump, sp in [("sft", 0.0, 0.01), ("sft_sparse", 0.0, 0.95 + seed / 100), ("dpo", 0.1, dpo_sparsity),
-                               ("sequential", 0.0, 0.02), ("ties", 0.2, 0.5), ("ties_dense", 0.1, 0.4)]:
-            out.append(add_scores({"name": name, "acc": base["acc"] + bump, "refusal": base["refusal"] + bump,
-                                   "over": base["over"], "sparsity": sp}, ["acc"], ["refusal", "1-over"]))
-        return out
-    per_seed = {0: rows(0, 0.03), 1: rows(1, 0.04), 2: rows(2, 0.05)}
-    r = per_seed[0][0]
+def test_item_level_claims():
+    found = {c["id"]: c for c in claims(_evidence(), FindingsConfig(), ["acc/accuracy"], ["refusal/refusal_rate"])}
+    assert found["a"]["decision"] == "holds" and found["a"]["effect"] == pytest.approx(0.01)
+    assert found["a"]["n"] == 20                               # layers are the items, seeds averaged per layer
+    assert found["b"]["decision"] == "holds"                   # 0.95..0.96 > 0.9 on every layer
+    c = found["c"]                                             # ties vs sequential on combined_hh
+    assert c["effect"] == pytest.approx(0.5 * 0.5 + 0.5 * (2 / 3))   # +0.5 accuracy, +2/3 refusal, weights 1/2
+    assert c["decision"] == "holds" and c["n"] == 120
+    d = found["d"]                                             # one item of 60 apart, the same on every seed:
+    assert d["effect"] == pytest.approx(0.5 / 60)              # the old rule said "holds" (se over seeds = 0)
+    assert d["decision"] == "inconclusive"
+    assert found["e1"]["decision"] == "holds"                  # dpo refuses every item, sft_chosen a third
+    assert set(found) == {"a", "b", "c", "d", "e1", "e2"}      # no dpo_lr40, no matched pairs: not run
+    assert all("p_holm" in c for c in found.values())
+    text = render(list(found.values()), FindingsConfig(), "t", helpful=["acc/accuracy"])
+    assert re.search(r"\| \(d\) \| .* \| \*\*inconclusive\*\* \| \+0\.008 \| \[", text)
+    assert "items for MDE = paper's" in text
+
+
+def test_scores_and_table():
+    r = add_scores({"name": "x", "acc": 0.5, "refusal": 0.2, "over": 0.1}, ["acc"], ["refusal", "1-over"])
     assert r["helpful"] == 0.5 and r["harmless"] == pytest.approx((0.2 + 0.9) / 2)
     assert r["combined_hh"] == pytest.approx((0.5 + 0.55) / 2)
-    found = {c["id"]: c for c in claims(per_seed, FindingsConfig())}
-    assert found["a"]["decision"] == "holds" and found["a"]["diffs"] == pytest.approx([0.02, 0.03, 0.04])
-    assert found["b"]["decision"] == "holds"                  # 0.95.. > 0.9 on every seed
-    assert found["c"]["decision"] == "holds"                  # ties beats sequential by 0.15 on every seed
-    assert found["c'"]["diffs"] == []                         # no sequential_sparse stage here
-    assert found["d"]["diffs"] == pytest.approx([0.075] * 3)  # a constant difference: se 0, still holds
-    assert found["d"]["decision"] == "holds"
-    assert found["e1"]["decision"] == "holds"
-    text = render(list(found.values()), FindingsConfig(), "t")
-    assert "| (a) | DPO's deltas are sparser than SFT's (PAFT Fig. 2) | **holds** |" in text
-    table = aggregate(per_seed, ["sparsity", "combined_hh"])
+    m, se = mean_se([1.0, 2.0, 3.0])
+    assert m == 2.0 and se == pytest.approx(1.0 / math.sqrt(3))
+    per_seed = {s: [{"name": "dpo", "sparsity": v}] for s, v in ((0, 0.03), (1, 0.04), (2, 0.05))}
+    table = aggregate(per_seed, ["sparsity"])
     cell = table["dpo"]["sparsity"]
     assert cell["mean"] == pytest.approx(0.04) and cell["se"] == pytest.approx(0.01 / math.sqrt(3))
     assert cell["values"] == {0: 0.03, 1: 0.04, 2: 0.05}
@@ -95,6 +110,7 @@ def test_tiny_multi_seed_pipeline_end_to_end(tmp_path):
                          cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "evaluate base: same for every seed, reused" in res.stdout
+    assert "evaluate base: redone" not in res.stdout  # the copy comes with its record: not evaluated again
     result = json.loads((out / "results.json").read_text())
     assert result["seeds"] == [0, 1]
     # every stage, merge and eval ran once per seed, each with its own train.seed
@@ -121,10 +137,14 @@ def test_tiny_multi_seed_pipeline_end_to_end(tmp_path):
     assert fig["curves"]["sft"][0][THRESHOLDS.index(1e-5)] == pytest.approx(
         result["variants"]["sft"]["sparsity"]["values"]["0"], abs=1e-9)
     assert (out / "figure2.png").stat().st_size > 1000
-    # FINDINGS.md: every claim, with a decision that follows from the per-seed differences
+    # FINDINGS.md: every claim, decided item by item from the items kept in results.json
     text = (out / "FINDINGS.md").read_text()
     for c in result["claims"]:
         assert f"| ({c['id']}) |" in text
-        assert c["decision"] == decide(c["diffs"])
+        assert c["decision"] in ("holds", "does not hold", "inconclusive") or c["decision"].startswith("equivalent")
+    ids = {c["id"] for c in result["claims"]}
+    assert {"a", "a-matched", "b", "c", "d"} <= ids
     a = next(c for c in result["claims"] if c["id"] == "a")
-    assert len(a["diffs"]) == 2
+    assert a["n"] > 0 and len(result["deltas"]["sft"]) == 2   # layers are the items; both seeds measured
+    items = result["items"]["sft"]["arithmetic"]
+    assert set(items) == {"0", "1"} and items["0"].keys() == items["1"].keys()  # the same items on every seed

@@ -14,7 +14,7 @@ Preference pairs (DPO, ORPO):
 """
 from .arithmetic import arithmetic_rows, extract_answer
 from .batches import Batches, num_trained_tokens
-from .pairs import PairBatches, encode_pair, encode_pairs
+from .pairs import PairBatches, encode_chosen, encode_pair, encode_pairs
 from .preference import REFUSALS, harmbench_pairs, load_preference_examples
 from .refusal import looks_like_refusal
 from .sources import load_examples, load_rows, to_messages
@@ -24,4 +24,4 @@ from .tokenize import encode, encode_all
 __all__ = ["load_examples", "load_rows", "to_messages", "encode", "encode_all", "render",
            "Batches", "num_trained_tokens", "arithmetic_rows", "extract_answer",
            "load_preference_examples", "harmbench_pairs", "REFUSALS", "looks_like_refusal",
-           "encode_pair", "encode_pairs", "PairBatches"]
+           "encode_chosen", "encode_pair", "encode_pairs", "PairBatches"]

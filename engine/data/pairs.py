@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from .batches import Batches, check_trained, collate
-from .tokenize import IGNORE, _has_target, _tokenize
+from .tokenize import IGNORE, _has_target, _tokenize, keep_sample, new_report
 
 
 def _side(prompt: list[dict], answer: str, tokenizer, template: str) -> tuple[list[int], list[int], int]:
@@ -79,6 +79,25 @@ def encode_pair(example: dict, tokenizer, template: str, max_length: int) -> dic
     the two sides are the same tokens."""
     pair = _encode(example, tokenizer, template, max_length)[0]
     return None if pair == IDENTICAL else pair
+
+
+def encode_chosen(examples: list[dict], tokenizer, template: str, max_length: int) -> tuple[list[dict], dict]:
+    """SFT samples {"input_ids", "labels"} from preference examples: prompt + chosen, the chosen answer
+    trained (Thakkar et al.'s SFT arm on the DPO pairs). Truncated as a pair's side is: the prompt loses
+    its first tokens, so a long prompt (a HarmBench context) keeps its request and the answer stays
+    (cutting from the right, as plain SFT does, would cut the answer away). Report as encode_all's."""
+    encoded, report = [], new_report(len(examples))
+    for i, example in enumerate(examples):
+        ids, labels, prompt_len = _side(example["prompt"], example["chosen"], tokenizer, template)
+        over = len(ids) - max_length
+        if over > 0:
+            report["truncated"] += 1
+            drop = min(over, prompt_len - 1)
+            ids, labels = ids[drop:][:max_length], labels[drop:][:max_length]
+            labels[0] = IGNORE  # nothing precedes the first token, so it is never a target
+        keep_sample(encoded, report, i, ids, labels)
+    report["kept"] = len(encoded)
+    return encoded, report
 
 
 def encode_pairs(examples: list[dict], tokenizer, template: str, max_length: int) -> tuple[list[dict], dict]:

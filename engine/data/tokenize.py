@@ -56,21 +56,29 @@ def encode_all(examples: list[dict], tokenizer, template: str, max_length: int) 
     "first_dropped", "truncated", "tokens", "trained_tokens"}. A sample is
     dropped when truncation leaves it no trained token.
     """
-    encoded = []
-    report = {"samples": len(examples), "kept": 0, "dropped": 0, "first_dropped": None,
-              "truncated": 0, "tokens": 0, "trained_tokens": 0}
+    encoded, report = [], new_report(len(examples))
     for i, example in enumerate(examples):
         ids, labels = _tokenize(example["messages"], tokenizer, template)
         if len(ids) > max_length:
             report["truncated"] += 1
             ids, labels = ids[:max_length], labels[:max_length]
-        if not _has_target(labels):
-            report["dropped"] += 1
-            if report["first_dropped"] is None:
-                report["first_dropped"] = i
-            continue
-        encoded.append({"input_ids": ids, "labels": labels})
-        report["tokens"] += len(ids)
-        report["trained_tokens"] += sum(l != IGNORE for l in labels[1:])
+        keep_sample(encoded, report, i, ids, labels)
     report["kept"] = len(encoded)
     return encoded, report
+
+
+def new_report(samples: int) -> dict:
+    return {"samples": samples, "kept": 0, "dropped": 0, "first_dropped": None,
+            "truncated": 0, "tokens": 0, "trained_tokens": 0}
+
+
+def keep_sample(encoded: list, report: dict, i: int, ids: list[int], labels: list[int]) -> None:
+    """Append sample i, or count it dropped when truncation left it no trained token."""
+    if not _has_target(labels):
+        report["dropped"] += 1
+        if report["first_dropped"] is None:
+            report["first_dropped"] = i
+        return
+    encoded.append({"input_ids": ids, "labels": labels})
+    report["tokens"] += len(ids)
+    report["trained_tokens"] += sum(l != IGNORE for l in labels[1:])

@@ -62,6 +62,8 @@ class StageConfig:
     overrides: list[str] = field(default_factory=list, metadata={"help": "key.path=value overrides"})
     after: Optional[str] = field(default=None, metadata={
         "help": "a stage whose adapter is folded into the base before this one trains (sequential)"})
+    evaluate: bool = field(default=True, metadata={
+        "help": "false: trained for its deltas only (Figure 2, claim (a)); not evaluated"})
 
 
 _POSITIVE = (lambda v: v > 0, "must be > 0")
@@ -72,6 +74,8 @@ class EvalsConfig:
     tasks: list[str] = field(default_factory=lambda: ["arithmetic", "refusal", "over_refusal"],
                              metadata={"help": "python -m paft_evals tasks"})
     limit: int = field(default=50, metadata={"help": "examples per task", "check": _POSITIVE})
+    task_limit: dict[str, int] = field(default_factory=dict, metadata={
+        "help": "task -> its own number of examples (e.g. every benign prompt of over_refusal)"})
     max_new_tokens: int = field(default=32, metadata={"help": "greedy generation length", "check": _POSITIVE})
     task_max_new_tokens: dict[str, int] = field(default_factory=dict, metadata={
         "help": "task -> its own generation length (a GSM8K chain needs more than a refusal check)"})
@@ -271,11 +275,12 @@ def check_evals(e) -> None:
     if unknown:
         raise RecipeError(f"pipeline.evals.bbh_tasks: unknown BBH task {unknown[0]!r} "
                           f"(known: {', '.join(catalog.BBH_TASKS)})")
-    for task, n in e.task_max_new_tokens.items():
-        if task not in e.tasks:
-            raise RecipeError(f"pipeline.evals.task_max_new_tokens.{task}: not one of pipeline.evals.tasks")
-        if not isinstance(n, int) or n < 1:
-            raise RecipeError(f"pipeline.evals.task_max_new_tokens.{task}: must be an integer >= 1, got {n!r}")
+    for key, per_task in (("task_max_new_tokens", e.task_max_new_tokens), ("task_limit", e.task_limit)):
+        for task, n in per_task.items():
+            if task not in e.tasks:
+                raise RecipeError(f"pipeline.evals.{key}.{task}: not one of pipeline.evals.tasks")
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise RecipeError(f"pipeline.evals.{key}.{task}: must be an integer >= 1, got {n!r}")
     try:
         parse_data(e.data, e.tasks)
     except (ValueError, FileNotFoundError) as err:

@@ -37,6 +37,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import yaml
 
@@ -65,13 +66,19 @@ def run(cfg: PipelineConfig, command: str = "python -m engine.train"):
             return run_once(cfg)
         per_seed: dict[int, list[dict]] = {}
         first_dir = None
-        for seed in cfg.seeds:
+        for k, seed in enumerate(cfg.seeds, 1):
             sub = seed_config(cfg, seed)
-            print(f"pipeline: ==== seed {seed} -> {sub.output_dir}", flush=True)
+            print(f"pipeline: ==== seed {seed} ({k} of {len(cfg.seeds)}) -> {sub.output_dir}", flush=True)
             if first_dir is not None:
                 reuse_base_eval(first_dir, sub.output_dir)
+            started = time.monotonic()
             per_seed[seed] = run_once(sub)
             first_dir = first_dir or sub.output_dir
+            took = time.monotonic() - started
+            left = len(cfg.seeds) - k
+            print(f"pipeline: ==== seed {seed} done in {took / 60:.1f} min ({_elapsed()} into the run)"
+                  + (f"; about {left * took / 60:.0f} min left at this seed's pace (less where steps are "
+                     f"already done)" if left else ""), flush=True)
         remove_stale_temporaries(cfg)
         return summarize_seeds(cfg, per_seed)
 
@@ -160,9 +167,21 @@ def _stop(proc: subprocess.Popen, signum: int) -> None:
             continue
 
 
+_START = time.monotonic()  # the progress lines say how far into the run each step ends
+
+
+def _elapsed() -> str:
+    return f"{(time.monotonic() - _START) / 60:.1f} min"
+
+
+def _done(what: str, started: float) -> None:
+    print(f"pipeline: {what}: finished in {time.monotonic() - started:.0f} s ({_elapsed()} into the run)", flush=True)
+
+
 def _run(cmd: list[str], what: str, threads: int, run_dir: str) -> None:
     """A training stage as a subprocess that dies with the pipeline; an interrupt stops both."""
-    raise_pending()  # an interrupt whose exception Python dropped (engine/interrupts.py) stops here
+    raise_pending()
+    started = time.monotonic()  # an interrupt whose exception Python dropped (engine/interrupts.py) stops here
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -180,11 +199,13 @@ def _run(cmd: list[str], what: str, threads: int, run_dir: str) -> None:
                                                            else "before its first checkpoint")) from None
     if code != 0:
         raise PipelineStepFailed(f"pipeline: {what} failed (command above); fix it and rerun: finished steps are kept")
+    _done(what, started)
 
 
 def _call(module: str, argv: list[str], what: str) -> None:
     """`python -m module *argv`, run in this process through the module's main(argv)."""
     raise_pending()
+    started = time.monotonic()
     print(f"pipeline: {what}: python -m {module} {' '.join(argv)}", flush=True)
     mod = importlib.import_module(module)
     main = getattr(mod, "main", None) or importlib.import_module(module + ".__main__").main  # a package: its __main__
@@ -198,6 +219,7 @@ def _call(module: str, argv: list[str], what: str) -> None:
         raise _interrupted(code - 128, f"{what} stopped")
     if code:
         raise PipelineStepFailed(f"pipeline: {what} failed (command above); fix it and rerun: finished steps are kept")
+    _done(what, started)
 
 
 # --------------------------------------------------------------------------- 1-2. stages
@@ -348,7 +370,8 @@ def evals_args(target: str, variant: str, e: EvalsConfig) -> list[str]:
             "--limit", str(e.limit), "--max-new-tokens", str(e.max_new_tokens),
             "--batch-size", str(e.batch_size), "--template", e.template, "--harmbench", e.harmbench,
             *[a for d in e.data for a in ("--data", d)],
-            *[a for t, n in e.task_max_new_tokens.items() for a in ("--max-new-tokens", f"{t}={n}")]]
+            *[a for t, n in e.task_max_new_tokens.items() for a in ("--max-new-tokens", f"{t}={n}")],
+            *[a for t, n in e.task_limit.items() for a in ("--limit", f"{t}={n}")]]
     if "bigbench_bbh" in e.tasks:
         args += ["--shots", str(e.shots), *(["--bbh-tasks", ",".join(e.bbh_tasks)] if e.bbh_tasks else [])]
     if "hhh" in e.tasks:
@@ -359,7 +382,7 @@ def evals_args(target: str, variant: str, e: EvalsConfig) -> list[str]:
 def evaluate_variants(cfg: PipelineConfig, merged: dict, merged_from: dict, identity: dict) -> list[dict]:
     """Evaluate base, each stage and each merge (skipping current results); one row per variant."""
     out = cfg.output_dir
-    variants = {"base": cfg.model, **{n: adapter(cfg, n) for n in cfg.stages}, **merged}
+    variants = {"base": cfg.model, **{n: adapter(cfg, n) for n, s in cfg.stages.items() if s.evaluate}, **merged}
     rows = []
     for variant, target in variants.items():
         result = os.path.join(out, "evals", f"{variant}.json")

@@ -14,13 +14,17 @@ Outputs in <output_dir>:
                     "values": {seed: value}}}}, "per_seed": {seed: rows}}
     results.md/png  the table, each cell "mean ± se" over seeds (bars with se error bars)
     figure2.png/json  PAFT Figure 2: share of |δ| < τ vs τ (fp32 deltas) and over training steps
-    FINDINGS.md     each claim decided by a paired comparison over seeds (paft_evals.findings)
+    FINDINGS.md     each claim decided item by item, seeds averaged per item (paft_evals.findings)
+    results.json    also "items": {variant: {task: {seed: {item id: score}}}} (score: 1/0 correct or
+                    refused), "margins" (the same for log-likelihood margins), "parts" ({task: {id: part}}
+                    for macro-averaged tasks) and "deltas" (per-layer measures of the stages' δ = s·B A)
 
     se = sd / √n with the n − 1 sample standard deviation; with one seed se is undefined (shown "–").
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 
@@ -41,12 +45,16 @@ def seed_config(cfg, seed: int):
 
 
 def reuse_base_eval(first_dir: str, seed_dir: str) -> None:
+    """Copy the base's results and the record of the spec they were made from (the same spec for every
+    seed): without the record the seed's own check would call the copy stale and evaluate again."""
     src = os.path.join(first_dir, "evals", "base.json")
     dst = os.path.join(seed_dir, "evals", "base.json")
     if os.path.isfile(src) and not os.path.exists(dst):
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        with open(src, "rb") as f, atomic_write(dst, "wb") as g:
-            shutil.copyfileobj(f, g)
+        for suffix in (".spec.json", ""):  # the record first: a result is never newer than a record of it
+            if os.path.isfile(src + suffix):
+                with open(src + suffix, "rb") as f, atomic_write(dst + suffix, "wb") as g:
+                    shutil.copyfileobj(f, g)
         print(f"pipeline: evaluate base: same for every seed, reused {src}", flush=True)
 
 
@@ -87,7 +95,10 @@ def summarize_seeds(cfg, per_seed: dict[int, list[dict]]) -> dict:
     columns = [c for c in wanted if any(isinstance(r.get(c), (int, float)) for r in all_rows)]
     columns += [c for c in SCORE_COLUMNS if any(r.get(c) is not None for r in all_rows)]
     variants = aggregate(per_seed, columns)
-    table_rows = [{"name": name, **cells} for name, cells in variants.items()]
+    ns = {}  # {variant: {"task/n": items}}: the table's row of n per column
+    for r in all_rows:
+        ns.setdefault(r["name"], {}).update({k: v for k, v in r.items() if k.endswith("/n") and isinstance(v, int)})
+    table_rows = [{"name": name, **cells, **ns.get(name, {})} for name, cells in variants.items()]
     n_seeds = len(cfg.seeds)
     write_report(table_rows, columns, cfg.output_dir,
                  title=f"PAFT on {cfg.model}: mean ± se over {n_seeds} seed(s) {list(cfg.seeds)}")
@@ -95,10 +106,14 @@ def summarize_seeds(cfg, per_seed: dict[int, list[dict]]) -> dict:
     # ---- PAFT Figure 2 from the stages' fp32 deltas (and their kept checkpoints)
     fig = figure2(cfg, fc)
 
-    # ---- FINDINGS.md
-    found = claims(per_seed, fc)
+    # ---- FINDINGS.md, from the items of every evaluation and the layers of every stage's δ
+    evidence = {**eval_items(cfg), **delta_evidence(cfg, fc)}
+    found = claims(evidence, fc, helpful, harmless)
     notes = [f"Seeds: {list(cfg.seeds)}; base model {cfg.model}; per-seed outputs under {cfg.output_dir}/seed-<k>/.",
              "Items per task (n): " + (", ".join(_task_ns(all_rows)) or "–") + "."]
+    for seed, m in evidence.get("matched", {}).items():
+        notes.append(f"Claim (a-matched), seed {seed}: SFT step {m['sft_step']} against DPO step {m['dpo_step']}, "
+                     f"‖δ‖ ratio SFT/DPO {m['ratio']:.2f}.")
     if fig:
         notes.append("Figure 2 (figure2.png): share of |δ| < τ at τ = " + ", ".join(f"{t:g}" for t in fig["thresholds"])
                      + "; mean over seeds: " + "; ".join(
@@ -108,11 +123,67 @@ def summarize_seeds(cfg, per_seed: dict[int, list[dict]]) -> dict:
     write_findings(os.path.join(cfg.output_dir, "FINDINGS.md"), text)
 
     result = {"seeds": list(cfg.seeds), "columns": columns, "helpful": helpful, "harmless": harmless,
-              "variants": variants, "per_seed": per_seed, "claims": found, "figure2": fig}
+              "variants": variants, "per_seed": per_seed, "claims": found, "figure2": fig, **evidence}
     write_json(os.path.join(cfg.output_dir, "results.json"), result, indent=1, default=str)
     print(open(os.path.join(cfg.output_dir, "results.md")).read())
     print("\n".join(text.splitlines()[: 12 + len(found)]))
     return result
+
+
+def eval_items(cfg) -> dict:
+    """{"items": {variant: {task: {seed: {id: score}}}}, "margins": the same for log-likelihood margins,
+    "parts": {task: {id: part}}} from every seed's evals/<variant>.json."""
+    items, margins, parts = {}, {}, {}
+    for seed in cfg.seeds:
+        evals = os.path.join(cfg.output_dir, f"seed-{seed}", "evals")
+        for name in sorted(os.listdir(evals)) if os.path.isdir(evals) else []:
+            if not name.endswith(".json") or name.endswith(".sparsity.json") or name.startswith("."):
+                continue
+            with open(os.path.join(evals, name)) as f:
+                tasks = json.load(f).get("tasks", {})
+            variant = name[:-len(".json")]
+            for task, result in tasks.items():
+                for it in result.get("items", []):
+                    items.setdefault(variant, {}).setdefault(task, {}).setdefault(seed, {})[it["id"]] = it["score"]
+                    if it.get("margin") is not None:
+                        margins.setdefault(variant, {}).setdefault(task, {}).setdefault(seed, {})[it["id"]] = it["margin"]
+                    if it.get("part") is not None:
+                        parts.setdefault(task, {})[it["id"]] = it["part"]
+    return {"items": items, "margins": margins, "parts": parts}
+
+
+def delta_evidence(cfg, fc: FindingsConfig) -> dict:
+    """Per-layer measures of the final δ of the SFT, SFT_sparse, DPO and small-lr DPO stages, the SFT
+    and DPO checkpoints of matched ‖δ‖ (claim (a) at equal update size), and each stage's held-out
+    loss (claim (b): is the sparse SFT as good a fit as the dense one?), per seed."""
+    from merge.delta_shape import matched, stage_shapes
+
+    deltas, pairs, held_out = {}, {}, {}
+    for seed in cfg.seeds:
+        shapes = {}
+        for name in (fc.sft, fc.sft_sparse, fc.dpo, fc.dpo_small_lr):
+            stage = os.path.join(cfg.output_dir, f"seed-{seed}", name)
+            summary = os.path.join(stage, "summary.json")
+            if name in cfg.stages and os.path.isfile(summary):
+                with open(summary) as f:
+                    loss = json.load(f).get("eval_loss")
+                if loss is not None:
+                    held_out.setdefault(name, {})[seed] = loss
+            if name in cfg.stages and os.path.isdir(os.path.join(stage, "adapter")):
+                shapes[name] = stage_shapes(stage)
+                final = max(shapes[name])
+                deltas.setdefault(name, {})[seed] = _slim(shapes[name][final]["layers"])
+        if fc.sft in shapes and fc.dpo in shapes:
+            sft_step, dpo_step, ratio = matched(shapes[fc.sft], shapes[fc.dpo])
+            pairs[seed] = {"sft_step": sft_step, "dpo_step": dpo_step, "ratio": ratio,
+                           "sft": _slim(shapes[fc.sft][sft_step]["layers"]),
+                           "dpo": _slim(shapes[fc.dpo][dpo_step]["layers"])}
+    return {"deltas": deltas, "matched": pairs, "held_out": held_out}
+
+
+def _slim(layers: dict) -> dict:
+    keep = ("fro", "s_1e5", "below_rel", "hoyer", "row_conc")
+    return {name: {k: v[k] for k in keep if k in v} for name, v in layers.items()}
 
 
 def _task_ns(rows: list[dict]) -> list[str]:

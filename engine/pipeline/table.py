@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from engine.writes import write_json
-from paft_evals.report import write_report
+from paft_evals.report import markdown_table, write_report
 
 
 # The metrics the papers' tables report, in the order they are printed.
@@ -37,22 +37,13 @@ def flatten(tasks: dict) -> dict:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def format_table(rows: list[dict], columns: list[str]) -> str:
-    head = "| variant | " + " | ".join(columns) + " |"
-    lines = [head, "|" + "---|" * (len(columns) + 1)]
-    for r in rows:
-        cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else ("-" if r.get(c) is None else str(r[c]))
-                 for c in columns]
-        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def write_table(cfg, rows: list[dict]) -> list[dict]:
     """Add the combined score to each row; write results.md/png/json under output_dir; print it."""
     for r in rows:
         r["combined"] = combined_score(r)
     columns = [c for c in PAPER_COLUMNS if any(r.get(c) is not None for r in rows)]
-    write_report(rows, columns, cfg.output_dir, title=f"PAFT on {cfg.model}")
+    title = f"PAFT on {cfg.model}"
+    write_report(rows, columns, cfg.output_dir, title=title)
     write_json(os.path.join(cfg.output_dir, "results.json"), rows, indent=1)
-    print(format_table(rows, columns))
+    print(markdown_table(rows, columns, title))  # as results.md: each rate with its n and 95% interval
     return rows
