@@ -208,6 +208,18 @@ def claims(evidence: dict, cfg: FindingsConfig, helpful: list[str], harmless: li
             "SFT checkpoint with ‖δ‖ closest to DPO's", f.dpo, f.sft,
             compare_layers({s: m["dpo"] for s, m in matched.items()}, {s: m["sft"] for s, m in matched.items()},
                            "below_rel", f.delta_margin))
+        # The same question on two more scale-free measures (merge/delta_shape.py): how peaked the
+        # entries are, and whether the update sits in few output rows (B's rows) rather than few entries.
+        add("a-hoyer", "DPO's deltas are sparser than SFT's at equal update size, by Hoyer's measure",
+            "per-layer Hoyer sparsity (√n − ‖δ‖₁/‖δ‖₂)/(√n − 1) (Gaussian 0.202, Laplace 0.293), "
+            "SFT checkpoint with ‖δ‖ closest to DPO's", f.dpo, f.sft,
+            compare_layers({s: m["dpo"] for s, m in matched.items()}, {s: m["sft"] for s, m in matched.items()},
+                           "hoyer", f.delta_margin))
+        add("a-rows", "DPO's updates sit in fewer of B's rows than SFT's at equal update size",
+            "per-layer share of Σ‖B_i‖² held by the top 10% of B's rows (0.10 if flat), "
+            "SFT checkpoint with ‖δ‖ closest to DPO's", f.dpo, f.sft,
+            compare_layers({s: m["dpo"] for s, m in matched.items()}, {s: m["sft"] for s, m in matched.items()},
+                           "row_conc", f.delta_margin))
     if f.dpo_small_lr in deltas and f.sft in deltas:
         add("a-lr40", f"DPO at 1/40 of SFT's learning rate ({f.dpo_small_lr}) shows Fig. 2's raw pattern "
             "from magnitude alone", "per-layer share of |δ| < 1e-5, final adapters", f.dpo_small_lr, f.sft,

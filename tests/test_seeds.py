@@ -8,8 +8,10 @@ import sys
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 
+from engine.pipeline.decide_again import main as decide_again_main
 from engine.pipeline.seeds import aggregate
 from paft_evals.findings import FindingsConfig, add_scores, claims, mean_se, render
 from paft_evals.report import markdown_table
@@ -143,8 +145,32 @@ def test_tiny_multi_seed_pipeline_end_to_end(tmp_path):
         assert f"| ({c['id']}) |" in text
         assert c["decision"].startswith(("holds", "does not hold", "inconclusive", "equivalent within ±"))
     ids = {c["id"] for c in result["claims"]}
-    assert {"a", "a-matched", "b", "c", "d"} <= ids
+    assert {"a", "a-matched", "a-hoyer", "a-rows", "b", "c", "d"} <= ids
     a = next(c for c in result["claims"] if c["id"] == "a")
     assert a["n"] > 0 and len(result["deltas"]["sft"]) == 2   # layers are the items; both seeds measured
     items = result["items"]["sft"]["arithmetic"]
     assert set(items) == {"0", "1"} and items["0"].keys() == items["1"].keys()  # the same items on every seed
+    # Deciding again from the saved results.json alone gives the same claims and FINDINGS.md (the notes
+    # name the recipe's output_dir, which this run overrode).
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "results.json").write_text((out / "results.json").read_text())
+    assert decide_again_main([TINY_SEEDS, str(copy / "results.json")]) == 0
+    again = json.loads((copy / "results.json").read_text())
+    assert again["claims"] == result["claims"] and again.keys() == result.keys()
+    recipe_dir = yaml.safe_load(open(TINY_SEEDS))["pipeline"]["output_dir"]
+    assert (copy / "FINDINGS.md").read_text().replace(recipe_dir, str(out)) == text
+
+
+def test_decide_again_refuses_bad_input(tmp_path, capsys):
+    missing = tmp_path / "results.json"
+    assert decide_again_main([TINY_SEEDS, str(missing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and str(missing) in err and "\n" not in err
+    missing.write_text(json.dumps({"seeds": [0], "helpful": [], "harmless": []}))
+    assert decide_again_main([TINY_SEEDS, str(missing)]) == 2
+    assert "no key 'per_seed'" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pipeline:\n  model: m\n  output_dir: o\n  findings: {margn: 0.1}\n")
+    assert decide_again_main([str(bad), str(missing)]) == 2
+    assert "margn" in capsys.readouterr().err

@@ -10,6 +10,7 @@ command line's dispatch to it).
     records.py   `<output>.spec.json`: when a finished step is current, and what changed
     run.py       run(cfg): stages, merges, evaluations, once or once per seed
     seeds.py     several seeds: one config per seed, mean ± se, Figure 2, FINDINGS.md
+    decide_again.py  FINDINGS.md again from a saved results.json (the decision rule changed)
     table.py     the papers' columns, the combined score, results.md/png/json
 """
 from engine.pipeline.config import (EvalsConfig, PipelineConfig, StageConfig, is_pipeline, load_pipeline,

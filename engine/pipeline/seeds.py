@@ -108,26 +108,36 @@ def summarize_seeds(cfg, per_seed: dict[int, list[dict]]) -> dict:
 
     # ---- FINDINGS.md, from the items of every evaluation and the layers of every stage's δ
     evidence = {**eval_items(cfg), **delta_evidence(cfg, fc)}
-    found = claims(evidence, fc, helpful, harmless)
-    notes = [f"Seeds: {list(cfg.seeds)}; base model {cfg.model}; per-seed outputs under {cfg.output_dir}/seed-<k>/.",
+    result = {"seeds": list(cfg.seeds), "columns": columns, "helpful": helpful, "harmless": harmless,
+              "variants": variants, "per_seed": per_seed, "claims": [], "figure2": fig, **evidence}
+    result["claims"], text = decide(result, fc, cfg.model, cfg.output_dir, cfg.output_dir)
+    write_json(os.path.join(cfg.output_dir, "results.json"), result, indent=1, default=str)
+    print(open(os.path.join(cfg.output_dir, "results.md")).read())
+    print("\n".join(text.splitlines()[: 12 + len(result["claims"])]))
+    return result
+
+
+def decide(result: dict, fc: FindingsConfig, model: str, run_dir: str, out_dir: str) -> tuple[list[dict], str]:
+    """The claims decided from a results dict (this run's, or a saved results.json: it holds every
+    item and layer measure), written to out_dir/FINDINGS.md; returns (claims, its text).
+    run_dir: where the run's per-seed folders are (named in the notes)."""
+    found = claims(result, fc, result["helpful"], result["harmless"])
+    all_rows = [r for rows in result["per_seed"].values() for r in rows]
+    seeds = result["seeds"]
+    notes = [f"Seeds: {seeds}; base model {model}; per-seed outputs under {run_dir}/seed-<k>/.",
              "Items per task (n): " + (", ".join(_task_ns(all_rows)) or "–") + "."]
-    for seed, m in evidence.get("matched", {}).items():
+    for seed, m in result.get("matched", {}).items():
         notes.append(f"Claim (a-matched), seed {seed}: SFT step {m['sft_step']} against DPO step {m['dpo_step']}, "
                      f"‖δ‖ ratio SFT/DPO {m['ratio']:.2f}.")
+    fig = result.get("figure2")
     if fig:
         notes.append("Figure 2 (figure2.png): share of |δ| < τ at τ = " + ", ".join(f"{t:g}" for t in fig["thresholds"])
                      + "; mean over seeds: " + "; ".join(
                          f"{n}: " + " ".join(f"{sum(c[k] for c in cs) / len(cs):.3f}" for k in range(len(fig["thresholds"])))
                          for n, cs in fig["curves"].items()) + ".")
-    text = render(found, fc, f"PAFT on {cfg.model}, {n_seeds} seeds", notes, helpful, harmless)
-    write_findings(os.path.join(cfg.output_dir, "FINDINGS.md"), text)
-
-    result = {"seeds": list(cfg.seeds), "columns": columns, "helpful": helpful, "harmless": harmless,
-              "variants": variants, "per_seed": per_seed, "claims": found, "figure2": fig, **evidence}
-    write_json(os.path.join(cfg.output_dir, "results.json"), result, indent=1, default=str)
-    print(open(os.path.join(cfg.output_dir, "results.md")).read())
-    print("\n".join(text.splitlines()[: 12 + len(found)]))
-    return result
+    text = render(found, fc, f"PAFT on {model}, {len(seeds)} seeds", notes, result["helpful"], result["harmless"])
+    write_findings(os.path.join(out_dir, "FINDINGS.md"), text)
+    return found, text
 
 
 def eval_items(cfg) -> dict:
@@ -220,3 +230,4 @@ def figure2(cfg, fc: FindingsConfig) -> dict | None:
             "steps": {n: [{str(k): v for k, v in s.items()} for s in ss] for n, ss in steps.items()}}
     write_json(os.path.join(cfg.output_dir, "figure2.json"), data, indent=1)
     return data
+
