@@ -65,9 +65,17 @@ def exact_match(model, tokenizer, examples: list[dict], template: str, max_new_t
     scored = [ex for ex in examples if "answer" in ex]
     if not scored:
         raise ValueError("exact match needs held-out rows with an 'answer' field (e.g. builtin:arithmetic)")
-    prompts = [prompt_text(ex["messages"], tokenizer, template) for ex in scored]
+    return score_answers(model, tokenizer, scored, template, max_new_tokens, batch_size)[0]
+
+
+def score_answers(model, tokenizer, rows: list[dict], template: str, max_new_tokens: int,
+                  batch_size: int) -> tuple[dict, list[str], list[bool]]:
+    """Greedy answers to rows {"messages", "answer"}: ({"exact_match", "n", "samples"}, the generations,
+    the hits), so that an evaluation can keep each item (paft_evals/arithmetic.py) beside the summary."""
+    prompts = [prompt_text(ex["messages"], tokenizer, template) for ex in rows]
     generations = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
-    hits = [extract_answer(g) == ex["answer"] for g, ex in zip(generations, scored)]
-    return {"exact_match": sum(hits) / len(hits), "n": len(hits),
-            "samples": [{"prompt": ex["messages"][-2]["content"], "generation": g, "answer": ex["answer"],
-                         "correct": hit} for ex, g, hit in zip(scored[:5], generations, hits)]}
+    hits = [extract_answer(g) == ex["answer"] for g, ex in zip(generations, rows)]
+    result = {"exact_match": sum(hits) / len(hits), "n": len(hits),
+              "samples": [{"prompt": ex["messages"][-2]["content"], "generation": g, "answer": ex["answer"],
+                           "correct": hit} for ex, g, hit in zip(rows[:5], generations, hits)]}
+    return result, generations, hits

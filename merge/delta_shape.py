@@ -107,6 +107,11 @@ def row_concentration(energy: torch.Tensor, top: float = TOP_ROWS) -> tuple[floa
     return conc, gini
 
 
+def _fro(Ad: torch.Tensor, Bd: torch.Tensor, gram_a: torch.Tensor, scale: float) -> float:
+    """‖s·B A‖_F from fp64 factors and A Aᵀ: s·sqrt(Σ (BᵀB) ⊙ (A Aᵀ)), an r×r product, no pass over δ."""
+    return abs(scale) * math.sqrt(max(0.0, float(((Bd.T @ Bd) * gram_a).sum())))
+
+
 @torch.no_grad()
 def _layer(A: torch.Tensor, B: torch.Tensor, scale: float) -> dict:
     """The shape of δ = scale·B A (A (r, in), B (out, r)), forming B A by row chunks in fp32 as
@@ -115,8 +120,7 @@ def _layer(A: torch.Tensor, B: torch.Tensor, scale: float) -> dict:
     N, K = B.shape[0], A.shape[1]
     Ad, Bd = A.double(), B.double()
     gram_a = Ad @ Ad.T  # (r, r)
-    fro = abs(scale) * math.sqrt(max(0.0, float(((Bd.T @ Bd) * gram_a).sum())))
-    acc = _Entries(N * K, fro)
+    acc = _Entries(N * K, _fro(Ad, Bd, gram_a, scale))
     rows = max(1, CHUNK_ELEMENTS // max(1, K))
     for n0 in range(0, N, rows):
         acc.add((B[n0:n0 + rows] @ A).mul_(scale))
@@ -137,6 +141,19 @@ def layer_shapes(adapter_dir: str) -> dict[str, dict]:
         A, B = adapter.factors(name)
         out[name] = _layer(A, B, adapter.scale)
     return out
+
+
+@torch.no_grad()
+def update_size(adapter_dir: str) -> float:
+    """fro_total = sqrt(Σ_layers ‖δ‖_F²) of an adapter from its factors alone (stage_shapes' number,
+    the same ops), for `matched` without measuring every checkpoint's entries."""
+    adapter = Adapter(adapter_dir, "adapter")
+    total = 0.0
+    for name in adapter.targets:
+        A, B = adapter.factors(name)
+        Ad, Bd = A.float().double(), B.float().double()
+        total += _fro(Ad, Bd, Ad @ Ad.T, adapter.scale) ** 2
+    return math.sqrt(total)
 
 
 MEAN_KEYS = ("below_rel", "hoyer", "row_conc", "row_conc_delta", "s_1e5")
@@ -173,7 +190,7 @@ def stage_shapes(stage_dir: str) -> dict[int, dict]:
     return out
 
 
-def _fro(v) -> float:
+def _size(v) -> float:
     return float(v["fro_total"] if isinstance(v, dict) else v)
 
 
@@ -186,8 +203,8 @@ def matched(a: dict[int, dict], b: dict[int, dict]) -> tuple[int, int, float]:
     """(step_a, step_b, fro_total_a / fro_total_b) at matched update size (the rule in the module
     docstring: b at its final step unless a never reaches that ‖δ‖). Values: stage_shapes entries
     or plain fro_total numbers."""
-    fa = {s: _fro(v) for s, v in a.items() if _fro(v) > 0}
-    fb = {s: _fro(v) for s, v in b.items() if _fro(v) > 0}
+    fa = {s: _size(v) for s, v in a.items() if _size(v) > 0}
+    fb = {s: _size(v) for s, v in b.items() if _size(v) > 0}
     if not fa or not fb:
         raise ValueError("matched: each stage needs a step with a non-zero update")
     final_b = max(fb)

@@ -20,14 +20,9 @@ DEFAULT_N = 200  # held-out problems scored when --limit is not given
 
 def run_arithmetic(model, tokenizer, args: EvalArgs) -> dict:
     rows = arithmetic_rows("heldout", args.limit or DEFAULT_N)
-    prompts = [em.prompt_text(r["messages"], tokenizer, args.template) for r in rows]
-    # em.generate looked up at call time: tests stand a fake generator in for it
-    generations = em.generate(model, tokenizer, prompts, args.new_tokens(16), args.batch_size)
-    hits = [em.extract_answer(g) == r["answer"] for g, r in zip(generations, rows)]
-    # the keys engine.generate.exact_match returns (training's check), plus the items
-    result = {"exact_match": sum(hits) / len(hits), "n": len(hits),
-              "samples": [{"prompt": r["messages"][-2]["content"], "generation": g, "answer": r["answer"],
-                           "correct": h} for r, g, h in list(zip(rows, generations, hits))[:5]]}
+    # engine.generate.exact_match's scoring, with the generations and hits kept for the items
+    result, generations, hits = em.score_answers(model, tokenizer, rows, args.template, args.new_tokens(16),
+                                                 args.batch_size)
     items = [{"id": f"arith/{i}", "score": float(h), "text": g[:TEXT_CHARS]}
              for i, (g, h) in enumerate(zip(generations, hits))]
     return with_items(result, items, "exact_match")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from engine.safeio import parse_json, read_text
 from engine.generate import prompt_text
+from paft_evals.refusal import WINDOW
 
 
 @dataclass
@@ -82,7 +83,7 @@ def stderr(values: list) -> float:
     return (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5
 
 
-TEXT_CHARS = 200  # characters of a generation kept per item: all the refusal detector reads (refusal.WINDOW)
+TEXT_CHARS = WINDOW  # characters of a generation kept per item: all the refusal detector reads
 
 
 def with_items(result: dict, items: list[dict], headline: str, macro: bool = False) -> dict:

@@ -143,16 +143,17 @@ def _items(evidence: dict, variant: str, task: str, part: str | None) -> dict:
 
 def compare_variants(evidence: dict, x: str, y: str, terms: list, margin: float) -> dict:
     """X − Y on a score given as terms (score_terms), items averaged over seeds, paired by id."""
-    parts = [(w, stats.paired_diffs(stats.item_means(_items(evidence, x, t, p)),
-                                    stats.item_means(_items(evidence, y, t, p)))) for w, t, p in terms]
+    xs = [_items(evidence, x, t, p) for _, t, p in terms]  # per term: {seed: {item id: score}}
+    ys = [_items(evidence, y, t, p) for _, t, p in terms]
+    parts = [(w, stats.paired_diffs(stats.item_means(xi), stats.item_means(yi)))
+             for (w, _, _), xi, yi in zip(terms, xs, ys)]
     result = stats.compare(parts, margin=margin)
     # The same effect seed by seed: the interval above treats the seeds as fixed (items are the unit), so
     # a reader should see whether the seeds agree; training noise is not in it.
-    seeds = sorted({s for w, t, p in terms for v in (x, y) for s in _items(evidence, v, t, p)})
+    seeds = sorted({s for per_seed in xs + ys for s in per_seed})
     result["by_seed"] = {}
     for seed in seeds:
-        one = [(w, stats.paired_diffs(_items(evidence, x, t, p).get(seed, {}), _items(evidence, y, t, p).get(seed, {})))
-               for w, t, p in terms]
+        one = [(w, stats.paired_diffs(xi.get(seed, {}), yi.get(seed, {}))) for (w, _, _), xi, yi in zip(terms, xs, ys)]
         if all(d for _, d in one):
             result["by_seed"][seed] = sum(w * sum(d.values()) / len(d) for w, d in one)
     result["by_term"] = [{"task": t, "part": p, "weight": w, "n": len(d),
@@ -203,23 +204,18 @@ def claims(evidence: dict, cfg: FindingsConfig, helpful: list[str], harmless: li
             "per-layer share of |δ| < 1e-5, final adapters", f.dpo, f.sft,
             compare_layers(deltas[f.dpo], deltas[f.sft], "s_1e5", f.delta_margin))
     if matched:
-        add("a-matched", "DPO's deltas are sparser than SFT's at equal update size ‖δ‖ (scale-free)",
-            "per-layer share of |δ| < 0.1 × the layer's RMS (Gaussian 0.080, Laplace 0.132), "
-            "SFT checkpoint with ‖δ‖ closest to DPO's", f.dpo, f.sft,
-            compare_layers({s: m["dpo"] for s, m in matched.items()}, {s: m["sft"] for s, m in matched.items()},
-                           "below_rel", f.delta_margin))
-        # The same question on two more scale-free measures (merge/delta_shape.py): how peaked the
-        # entries are, and whether the update sits in few output rows (B's rows) rather than few entries.
-        add("a-hoyer", "DPO's deltas are sparser than SFT's at equal update size, by Hoyer's measure",
-            "per-layer Hoyer sparsity (√n − ‖δ‖₁/‖δ‖₂)/(√n − 1) (Gaussian 0.202, Laplace 0.293), "
-            "SFT checkpoint with ‖δ‖ closest to DPO's", f.dpo, f.sft,
-            compare_layers({s: m["dpo"] for s, m in matched.items()}, {s: m["sft"] for s, m in matched.items()},
-                           "hoyer", f.delta_margin))
-        add("a-rows", "DPO's updates sit in fewer of B's rows than SFT's at equal update size",
-            "per-layer share of Σ‖B_i‖² held by the top 10% of B's rows (0.10 if flat), "
-            "SFT checkpoint with ‖δ‖ closest to DPO's", f.dpo, f.sft,
-            compare_layers({s: m["dpo"] for s, m in matched.items()}, {s: m["sft"] for s, m in matched.items()},
-                           "row_conc", f.delta_margin))
+        # Claim (a) at equal update size, on three scale-free measures (merge/delta_shape.py): the share of
+        # small entries, how peaked the entries are, and whether the update sits in few of B's rows.
+        at_dpo, at_sft = ({s: m[v] for s, m in matched.items()} for v in ("dpo", "sft"))
+        for cid, text, measure, key in (
+                ("a-matched", "DPO's deltas are sparser than SFT's at equal update size ‖δ‖ (scale-free)",
+                 "per-layer share of |δ| < 0.1 × the layer's RMS (Gaussian 0.080, Laplace 0.132)", "below_rel"),
+                ("a-hoyer", "DPO's deltas are sparser than SFT's at equal update size, by Hoyer's measure",
+                 "per-layer Hoyer sparsity (√n − ‖δ‖₁/‖δ‖₂)/(√n − 1) (Gaussian 0.202, Laplace 0.293)", "hoyer"),
+                ("a-rows", "DPO's updates sit in fewer of B's rows than SFT's at equal update size",
+                 "per-layer share of Σ‖B_i‖² held by the top 10% of B's rows (0.10 if flat)", "row_conc")):
+            add(cid, text, measure + ", SFT checkpoint with ‖δ‖ closest to DPO's", f.dpo, f.sft,
+                compare_layers(at_dpo, at_sft, key, f.delta_margin))
     if f.dpo_small_lr in deltas and f.sft in deltas:
         add("a-lr40", f"DPO at 1/40 of SFT's learning rate ({f.dpo_small_lr}) shows Fig. 2's raw pattern "
             "from magnitude alone", "per-layer share of |δ| < 1e-5, final adapters", f.dpo_small_lr, f.sft,

@@ -24,6 +24,7 @@ Outputs in <output_dir>:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -107,7 +108,7 @@ def summarize_seeds(cfg, per_seed: dict[int, list[dict]]) -> dict:
     fig = figure2(cfg, fc)
 
     # ---- FINDINGS.md, from the items of every evaluation and the layers of every stage's δ
-    evidence = {**eval_items(cfg), **delta_evidence(cfg, fc)}
+    evidence = {**eval_items(cfg, per_seed), **delta_evidence(cfg, fc)}
     result = {"seeds": list(cfg.seeds), "columns": columns, "helpful": helpful, "harmless": harmless,
               "variants": variants, "per_seed": per_seed, "claims": [], "figure2": fig, **evidence}
     result["claims"], text = decide(result, fc, cfg.model, cfg.output_dir, cfg.output_dir)
@@ -140,18 +141,16 @@ def decide(result: dict, fc: FindingsConfig, model: str, run_dir: str, out_dir: 
     return found, text
 
 
-def eval_items(cfg) -> dict:
+def eval_items(cfg, per_seed: dict[int, list[dict]]) -> dict:
     """{"items": {variant: {task: {seed: {id: score}}}}, "margins": the same for log-likelihood margins,
-    "parts": {task: {id: part}}} from every seed's evals/<variant>.json."""
+    "parts": {task: {id: part}}} from evals/<variant>.json of every variant each seed evaluated
+    (per_seed's rows: a file the recipe no longer names is left out)."""
     items, margins, parts = {}, {}, {}
     for seed in cfg.seeds:
         evals = os.path.join(cfg.output_dir, f"seed-{seed}", "evals")
-        for name in sorted(os.listdir(evals)) if os.path.isdir(evals) else []:
-            if not name.endswith(".json") or name.endswith(".sparsity.json") or name.startswith("."):
-                continue
-            with open(os.path.join(evals, name)) as f:
+        for variant in sorted({r["name"] for r in per_seed.get(seed, [])}):
+            with open(os.path.join(evals, f"{variant}.json")) as f:
                 tasks = json.load(f).get("tasks", {})
-            variant = name[:-len(".json")]
             for task, result in tasks.items():
                 for it in result.get("items", []):
                     items.setdefault(variant, {}).setdefault(task, {}).setdefault(seed, {})[it["id"]] = it["score"]
@@ -166,11 +165,12 @@ def delta_evidence(cfg, fc: FindingsConfig) -> dict:
     """Per-layer measures of the final δ of the SFT, SFT_sparse, DPO and small-lr DPO stages, the SFT
     and DPO checkpoints of matched ‖δ‖ (claim (a) at equal update size), and each stage's held-out
     loss (claim (b): is the sparse SFT as good a fit as the dense one?), per seed."""
-    from merge.delta_shape import matched, stage_shapes
+    from merge.delta_shape import layer_shapes, matched, stage_adapters, update_size
 
+    measure = functools.lru_cache(maxsize=None)(layer_shapes)  # an adapter's entries are read once
     deltas, pairs, held_out = {}, {}, {}
     for seed in cfg.seeds:
-        shapes = {}
+        steps = {}  # {stage: {step: adapter dir}}: the kept checkpoints and the final adapter
         for name in (fc.sft, fc.sft_sparse, fc.dpo, fc.dpo_small_lr):
             stage = os.path.join(cfg.output_dir, f"seed-{seed}", name)
             summary = os.path.join(stage, "summary.json")
@@ -180,14 +180,15 @@ def delta_evidence(cfg, fc: FindingsConfig) -> dict:
                 if loss is not None:
                     held_out.setdefault(name, {})[seed] = loss
             if name in cfg.stages and os.path.isdir(os.path.join(stage, "adapter")):
-                shapes[name] = stage_shapes(stage)
-                final = max(shapes[name])
-                deltas.setdefault(name, {})[seed] = _slim(shapes[name][final]["layers"])
-        if fc.sft in shapes and fc.dpo in shapes:
-            sft_step, dpo_step, ratio = matched(shapes[fc.sft], shapes[fc.dpo])
+                steps[name] = stage_adapters(stage)
+                deltas.setdefault(name, {})[seed] = _slim(measure(steps[name][max(steps[name])]))
+        if fc.sft in steps and fc.dpo in steps:
+            # The sizes alone pick the matched checkpoints (r×r products); only those two are measured.
+            sft_step, dpo_step, ratio = matched(*({s: update_size(p) for s, p in steps[n].items()}
+                                                  for n in (fc.sft, fc.dpo)))
             pairs[seed] = {"sft_step": sft_step, "dpo_step": dpo_step, "ratio": ratio,
-                           "sft": _slim(shapes[fc.sft][sft_step]["layers"]),
-                           "dpo": _slim(shapes[fc.dpo][dpo_step]["layers"])}
+                           "sft": _slim(measure(steps[fc.sft][sft_step])),
+                           "dpo": _slim(measure(steps[fc.dpo][dpo_step]))}
     return {"deltas": deltas, "matched": pairs, "held_out": held_out}
 
 
@@ -230,4 +231,3 @@ def figure2(cfg, fc: FindingsConfig) -> dict | None:
             "steps": {n: [{str(k): v for k, v in s.items()} for s in ss] for n, ss in steps.items()}}
     write_json(os.path.join(cfg.output_dir, "figure2.json"), data, indent=1)
     return data
-
