@@ -191,8 +191,12 @@ def _lora_point(K, N, r, M, dtype, device, timer, triton_ok: bool) -> dict:
                 x.grad = A.grad = B.grad = A32.grad = B32.grad = None
 
             LT.PICKS.clear()
+            LT.RECORD_PICKS = name.endswith("triton")  # off in training; on here to report the picks
             before = _counters()
-            ms = timer(step, clear)
+            try:
+                ms = timer(step, clear)
+            finally:
+                LT.RECORD_PICKS = False
             res = {"status": "ok", "fwd_bwd_ms": ms, "launches": _delta(before, _counters()),
                    "rel_err_vs_peft": err}
             if name.endswith("triton"):

@@ -26,12 +26,13 @@ import json
 import os
 import sys
 
+from benchmarks.train_step_setup import SYSTEMS as SYSTEM_ORDER  # the table's order: the runs'
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 BEGIN, END = "<!-- bench:train_step:begin -->", "<!-- bench:train_step:end -->"
 GPU_COMMAND = ("bash benchmarks/gpu/fetch_wheels.sh   # here, once\n"
                "bash benchmarks/gpu/run_gpu.sh       # on the GPU machine: device tool carry [\".whl\"], timeout_s 540")
-SYSTEM_ORDER = ("ours", "ours_triton", "hf", "trl", "liger")
 
 
 def load_results(results_dir: str) -> list[dict]:

@@ -129,9 +129,9 @@ from benchmarks.common import deadline, seconds_left
 
 # Config, CONFIGS and the shared pieces live in train_step_setup; they are imported here by name,
 # so `from benchmarks.train_step import CONFIGS, step_flops, ...` keeps working.
-from benchmarks.train_step_setup import (CONFIGS, DPO_BETA, FLOPS_FORMULA, LIGER_CPU, LORA, LR, RANDOM_MODELS, REPO,
-                                         SYSTEMS, TARGETS, Config, config_summary, count_params, model_config,
-                                         step_flops)
+from benchmarks.train_step_setup import (CONFIGS, DPO_BETA, FINISHED, FLOPS_FORMULA, LIGER_CPU, LORA, LR,
+                                         RANDOM_MODELS, REPO, SYSTEMS, TARGETS, Config, config_summary, count_params,
+                                         model_config, step_flops)
 
 
 # =========================================================================== the parent: plan, children, results
@@ -279,10 +279,10 @@ def run_benchmark(cfg: Config, out_dir: str, end: float = float("inf"), system_c
     path, run = _write(cfg, out_dir, setup, data, systems)
     print_summary(run)
     print(f"results: {path} (runs[{cfg.name!r}])")
-    bad = [s for s, r in systems.items() if not r.get("status", "").startswith(("ok", "n/a", "rehearsed"))]
+    bad = [s for s, r in systems.items() if not r.get("status", "").startswith(FINISHED)]
     if bad:
         print(f"error: {', '.join(bad)} did not finish (see the status fields)", file=sys.stderr)
-        print(f"RERUN {cfg.name} {','.join(bad)}", flush=True)  # run_gpu.sh turns this into its rerun line
+        print(f"RERUN {cfg.name} {','.join(bad)}", flush=True)  # for the log; gpu/status.py writes the rerun line
         return 1
     return 0
 

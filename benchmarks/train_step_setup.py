@@ -25,6 +25,7 @@ from dataclasses import dataclass
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IGNORE = -100
 SYSTEMS = ("ours", "ours_triton", "hf", "trl", "liger")  # ours_triton: ours with train.kernels=triton
+FINISHED = ("ok", "rehearsed", "n/a")  # status prefixes of a system row that needs no rerun
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA = dict(r=16, alpha=32, dropout=0.0)
 LR = {"sft": 1e-4, "dpo": 5e-5}

@@ -169,9 +169,9 @@ def export(adapter_dir: str, out_dir: str, base: str, model_name: str | None = N
     existing one is refused unless `overwrite` (and unless it is a model folder), an out_dir
     inside the adapter or the base refused. A lossy 16-bit dtype is refused unless `allow_lossy`,
     and a weight that is not finite always, before anything is written."""
-    inputs = [adapter_dir, model_name or _adapter_base_model(adapter_dir)]
-    with claim_model_out(out_dir, COMMAND, overwrite, inputs, TEMPORARIES) as dest:
-        model, tokenizer, chosen, loss = merged_model(adapter_dir, base, model_name, dtype, double_quant, out_dtype)
+    name = model_name or _adapter_base_model(adapter_dir)
+    with claim_model_out(out_dir, COMMAND, overwrite, [adapter_dir, name], TEMPORARIES) as dest:
+        model, tokenizer, chosen, loss = merged_model(adapter_dir, base, name, dtype, double_quant, out_dtype)
         if loss.lost > LOSSY_BOUND:
             what = f"--out-dtype {str(chosen).removeprefix('torch.')}: {loss.summary()}; the export would not be the trained model"
             if not allow_lossy:

@@ -90,12 +90,6 @@ def _is_text(s: str) -> bool:
     return True
 
 
-def is_clean_text(obj: Any) -> bool:
-    """True if every string inside `obj` is encodable as UTF-8 (JSON's \\ud800 escapes give lone
-    surrogates, which tokenizers reject with a TypeError)."""
-    return all(_is_text(v) for v, _ in _walk(obj) if isinstance(v, str))
-
-
 def check_data(obj: Any, name: str) -> Any:
     """`obj` (parsed from the file or text `name`) if it is plain data the engine can walk safely:
     nested at most MAX_DEPTH levels (else UnsafeInput) and free of lone surrogates (else CorruptFile)."""

@@ -66,7 +66,10 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16)  # x's dtypes the kernels take
 LAUNCHES: collections.Counter = collections.Counter()
 # role -> the config its last launch used (the autotuner's pick on a GPU), per role: "xa" and "fwd" (forward),
 # "dyB", "dx" and "dA" (backward); dB, and dA without dropout, are cuBLAS GEMMs by torch (no pick).
+# Kept only while RECORD_PICKS is on (benchmarks/kernels.py turns it on): building the record costs every
+# launch a few microseconds of Python, which training's steps need not pay.
 PICKS: dict = {}
+RECORD_PICKS = False
 
 
 def _empty(shape, dtype, device) -> Tensor:
@@ -347,24 +350,25 @@ def _tuned(kind: str, elem: int, dropout: bool):
 
 def _launch(kind: str, raw, grid_of, args: list, consts: dict, x: Tensor, dropout: bool, config: dict | None,
             role: str):
-    """Run `raw` with an explicit config (tests, the interpreter) or through its autotuner (GPU); record the
-    config under `role` (PICKS) with the autotune key it was picked for."""
-    named = dict(zip(raw.arg_names, args), **consts)
-    key = {k: named[k] for k in TUNE_KEYS[kind]}
-    key["dtypes"] = [str(a.dtype).removeprefix("torch.") for a in args if isinstance(a, Tensor)]
+    """Run `raw` with an explicit config (tests, the interpreter) or through its autotuner (GPU); with
+    RECORD_PICKS on, record the config under `role` (PICKS) with the autotune key it was picked for."""
     if config is None and triton_interpreted():
         config = INTERPRETER_CONFIG[kind]
     if config is not None:
         meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
         opts = {k: config[k] for k in ("num_warps", "num_stages") if k in config}
         raw[grid_of(meta)](*args, **consts, **meta, **opts)
-        record_pick(PICKS, role, kind, config, False, key)
+        used, tuned_pick = config, False
     else:
         tuned = _tuned(kind, x.element_size(), dropout)
         tuned[lambda META: grid_of(META)](*args, **consts)
         best = tuned.best_config
-        record_pick(PICKS, role, kind, dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages),
-                    True, key)
+        used, tuned_pick = dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages), True
+    if RECORD_PICKS:
+        named = dict(zip(raw.arg_names, args), **consts)
+        key = {k: named[k] for k in TUNE_KEYS[kind]}
+        key["dtypes"] = [str(a.dtype).removeprefix("torch.") for a in args if isinstance(a, Tensor)]
+        record_pick(PICKS, role, kind, used, tuned_pick, key)
     LAUNCHES[kind] += 1
 
 

@@ -224,6 +224,7 @@ def test_autotune_key_holds_the_layout_and_picks_are_kept_per_role(monkeypatch):
     monkeypatch.setattr(LT, "triton_interpreted", lambda: False)  # the GPU's path: through the autotuner
     monkeypatch.setattr(LT, "_tuned", lambda kind, elem, dropout: _FakeTuned(kind))
     _FakeTuned.launches = []
+    monkeypatch.setattr(LT, "RECORD_PICKS", True)  # benchmarks/kernels.py turns it on; training leaves it off
     LT.PICKS.clear()
     M, K = 32, 64  # square: the forward and the dx GEMM share M, N, K and r
     x, W = torch.randn(M, K, dtype=torch.bfloat16), torch.randn(K, K, dtype=torch.bfloat16)

@@ -18,9 +18,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from engine.writes import write_json  # noqa: E402 - the repository root first (run as a script); no torch
-
-FINISHED = ("ok", "rehearsed", "n/a")  # a system row that needs no rerun
+from benchmarks.train_step_setup import FINISHED  # noqa: E402 - the repository root first (run as a script)
+from engine.writes import write_json  # noqa: E402 - no torch
 
 
 def train_runs(out: str) -> dict:
